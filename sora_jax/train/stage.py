@@ -1,0 +1,81 @@
+"""What a training stage gives the one training loop.
+
+The loop (sora_jax/train/loop.py) is the same for the VAE, the DiT and the
+captioner. A stage only says what is specific to it: how to build its model,
+where its batches come from, its loss, its eval metrics and what it writes to
+the workdir for a human to look at. Everything else (mesh, shardings, optimizer,
+checkpoints, resume, logging, throughput, NaN guards) belongs to the loop.
+
+The boundary is pure-functional: `loss` and `eval_metrics` receive an nnx model
+that the loop has merged from (graphdef, params) inside the jitted step, and
+they must not mutate it or touch the host.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+Batch = Mapping[str, np.ndarray]
+
+
+class Stage(abc.ABC):
+    """Base class of the stages; registered by name in sora_jax/train/stages.py."""
+
+    name: str = ""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    # --- model -----------------------------------------------------------
+    @abc.abstractmethod
+    def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """Builds the model. Called under the mesh and the logical-axis rules."""
+
+    # --- data --------------------------------------------------------------
+    @abc.abstractmethod
+    def train_batches(self, process_index: int, process_count: int) -> Any:
+        """A checkpointable grain iterator (DatasetIterator) of process-local numpy batches."""
+
+    @abc.abstractmethod
+    def eval_batches(self) -> Sequence[Batch]:
+        """A fixed held-out set of numpy batches (same every call), process-local."""
+
+    def batch_axes(self) -> Mapping[str, Sequence[str | None]]:
+        """Logical axis names of each batch entry; default: leading dim is the batch."""
+        return {}
+
+    # --- objective ---------------------------------------------------------
+    @abc.abstractmethod
+    def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -> tuple[jax.Array, dict]:
+        """Scalar training loss and a dict of scalar metrics. Pure; runs inside jit."""
+
+    def eval_metrics(self, model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -> dict:
+        """Scalar held-out metrics (low variance: fixed times / fixed noise). Pure; runs inside jit."""
+        loss, metrics = self.loss(model, batch, key)
+        return {"loss": loss, **metrics}
+
+    # --- accounting --------------------------------------------------------
+    def tokens_in_batch(self, batch: Batch) -> int:
+        """Real (non-padding) tokens or pixels-equivalent units in a batch, for throughput."""
+        return int(next(iter(batch.values())).shape[0])
+
+    def train_flops_per_batch(self, batch: Batch) -> float:
+        """Analytic training FLOPs (1 multiply-add = 2 FLOPs) of one step on this batch."""
+        return 0.0
+
+    def trainable_filter(self) -> Any:
+        """nnx filter of the parameters the optimizer updates (default: all nnx.Param)."""
+        return nnx.Param
+
+    # --- side outputs --------------------------------------------------------
+    def on_eval(self, model: nnx.Module, workdir: str, step: int, writer: Any) -> None:
+        """Host-side: write samples or reconstructions for a human (process 0 only)."""
+
+    def on_finish(self, model: nnx.Module, workdir: str) -> None:
+        """Host-side, after the last step: e.g. the VAE writes its latent statistics."""
