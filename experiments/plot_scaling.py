@@ -1,0 +1,203 @@
+"""Scaling curves of a sweep: held-out loss vs training compute, isoFLOP view, fitted exponents.
+
+  python experiments/plot_scaling.py --results=SWEEP_ROOT/results.json [--out=SWEEP_ROOT/plots]
+
+Reads the results.json written by experiments/scaling_sweep.py and writes, as
+PNG and SVG:
+  loss_vs_compute   final held-out loss (fixed diffusion times) of every point vs
+                    its cumulative training FLOPs, log-log, each run's eval
+                    history as a thin line, the fitted L(C) = a C^-b + c on the
+                    compute frontier (best point per budget) and a bootstrap band;
+  loss_per_t        the same per fixed diffusion time t (when recorded);
+  isoflop           loss vs parameters at each budget that has several sizes,
+                    with the parabola in log N and its minimum;
+and scaling_fit.json with the fitted parameters, exponent intervals and minima.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sora_jax import powerlaw, scaling  # noqa: E402
+
+
+def frontier(rows: Sequence[Mapping], loss_key: str = "final_eval_loss") -> list[Mapping]:
+    """The best (lowest-loss) point of each compute budget, sorted by FLOPs."""
+    by_budget = defaultdict(list)
+    for row in rows:
+        if row.get(loss_key) is not None and np.isfinite(row[loss_key]):
+            by_budget[float(row["multiple"])].append(row)
+    best = [min(group, key=lambda r: r[loss_key]) for group in by_budget.values()]
+    return sorted(best, key=lambda r: r["flops"])
+
+
+def _fit_entry(points: Sequence[Mapping], loss_key: str, num_bootstrap: int, seed: int) -> dict | None:
+    flops = np.array([p["flops"] for p in points], np.float64)
+    loss = np.array([p[loss_key] for p in points], np.float64)
+    if np.unique(flops).size < 2:
+        return None
+    fit = powerlaw.fit_power_law(flops, loss)
+    grid = np.logspace(np.log10(flops.min()) - 0.3, np.log10(flops.max()) + 0.3, 60)
+    band = powerlaw.bootstrap_band(flops, loss, grid, fit, num_samples=num_bootstrap, seed=seed)
+    return dict(
+        fit=fit.as_dict(), exponent_interval=list(band["b_interval"]), band_level=band["level"],
+        band_degenerate=band["degenerate"], bootstrap_samples=band["num_samples"],
+        points=[p["point"] for p in points], grid=grid.tolist(), lo=np.asarray(band["lo"]).tolist(),
+        hi=np.asarray(band["hi"]).tolist(), curve=fit(grid).tolist(),
+    )
+
+
+def analyze(rows: Sequence[Mapping], num_bootstrap: int = 500, seed: int = 0) -> dict:
+    """All fits of a sweep as one JSON-able dict (what scaling_fit.json holds)."""
+    out: dict = dict(num_points=len(rows))
+    front = frontier(rows)
+    out["loss_vs_compute"] = _fit_entry(front, "final_eval_loss", num_bootstrap, seed) if front else None
+    per_t = {}
+    for key in sorted({k for r in rows for k in r if k.startswith("eval_loss_t")}):
+        entry = _fit_entry(frontier(rows, key), key, max(num_bootstrap // 4, 50), seed)
+        if entry:
+            per_t[key] = {k: v for k, v in entry.items() if k not in ("grid", "lo", "hi", "curve")}
+    out["per_t"] = per_t
+    isoflop = {}
+    by_budget = defaultdict(list)
+    for row in rows:
+        by_budget[float(row["multiple"])].append(row)
+    for multiple, group in sorted(by_budget.items()):
+        sizes = {r["params"] for r in group}
+        if len(sizes) >= 3:
+            par = powerlaw.fit_isoflop_parabola([r["params"] for r in group], [r["final_eval_loss"] for r in group])
+            isoflop[f"{multiple:g}x"] = dict(par, flops=float(np.median([r["flops"] for r in group])))
+    out["isoflop"] = isoflop
+    interior = [v for v in isoflop.values() if v["interior"]]
+    if len({v["flops"] for v in interior}) >= 2:
+        out["allocation"] = powerlaw.fit_allocation_exponent([v["flops"] for v in interior], [v["n_opt"] for v in interior])
+    return out
+
+
+def _save(fig, out_dir: str, stem: str) -> list[str]:
+    paths = [os.path.join(out_dir, f"{stem}.{ext}") for ext in ("png", "svg")]
+    for path in paths:
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def plot_loss_vs_compute(rows: Sequence[Mapping], analysis: Mapping, ax=None, loss_key: str = "final_eval_loss"):
+    """Draws points, eval histories, the fit and its band on `ax` (a new figure if None)."""
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    sizes = sorted({r["params"] for r in rows})
+    cmap = plt.get_cmap("viridis")
+    for row in rows:
+        color = cmap(sizes.index(row["params"]) / max(len(sizes) - 1, 1))
+        history = [h for h in row.get("eval_history", []) if h.get(loss_key.replace("final_", "")) is not None]
+        if loss_key == "final_eval_loss" and len(history) > 1:
+            ax.plot([h["flops"] for h in history], [h["eval_loss"] for h in history], color=color, lw=0.8, alpha=0.5)
+        ax.scatter(row["flops"], row[loss_key], color=color, zorder=3, edgecolor="k", linewidth=0.5)
+        ax.annotate(f"{row['point']}\n{row['params'] / 1e6:.2g}M", (row["flops"], row[loss_key]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    entry = analysis.get("loss_vs_compute") if loss_key == "final_eval_loss" else None
+    if entry:
+        fit = entry["fit"]
+        label = f"L = {fit['a']:.3g} C^-{fit['b']:.3f}" + (
+            f" + {fit['c']:.3g}" if fit["fit_offset"] else f" (c = 0: {fit['n_points']} points)")
+        lo, hi = entry["exponent_interval"]
+        if not entry["band_degenerate"]:
+            ax.fill_between(entry["grid"], entry["lo"], entry["hi"], color="C1", alpha=0.2,
+                            label=f"{int(entry['band_level'] * 100)}% bootstrap band; b in [{lo:.3f}, {hi:.3f}]")
+        ax.plot(entry["grid"], entry["curve"], color="C1", lw=1.5, label=label)
+        ax.legend(fontsize=7, loc="upper right")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute C (FLOPs, analytic)")
+    ax.set_ylabel("held-out loss (fixed diffusion times)" if loss_key == "final_eval_loss" else loss_key)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig if fig is not None else ax.figure
+
+
+def plot_per_t(rows: Sequence[Mapping], analysis: Mapping):
+    keys = sorted({k for r in rows for k in r if k.startswith("eval_loss_t")})
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        plot_loss_vs_compute([r for r in rows if r.get(key) is not None], analysis, ax=ax, loss_key=key)
+        fit = analysis["per_t"].get(key, {}).get("fit")
+        title = key.replace("eval_loss_", "")
+        ax.set_title(title + (f": b = {fit['b']:.3f}" if fit else ""), fontsize=9)
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def plot_isoflop(rows: Sequence[Mapping], analysis: Mapping):
+    if not analysis.get("isoflop"):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for i, (name, par) in enumerate(sorted(analysis["isoflop"].items(), key=lambda kv: kv[1]["flops"])):
+        group = sorted((r for r in rows if f"{float(r['multiple']):g}x" == name), key=lambda r: r["params"])
+        n = np.array([r["params"] for r in group], np.float64)
+        loss = np.array([r["final_eval_loss"] for r in group])
+        ax.scatter(n, loss, color=f"C{i}", label=f"{name} (C = {par['flops']:.2g})", zorder=3)
+        k2, k1, k0 = np.polyfit(np.log(n), loss, 2)
+        grid = np.logspace(np.log10(n.min()), np.log10(n.max()), 50)
+        ax.plot(grid, np.polyval([k2, k1, k0], np.log(grid)), color=f"C{i}", lw=1)
+        ax.axvline(par["n_opt"], color=f"C{i}", ls="--" if par["interior"] else ":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("isoFLOP: loss vs size at fixed compute (dashed: fitted optimum)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def write_all(rows: Sequence[Mapping], out_dir: str, num_bootstrap: int = 500, seed: int = 0) -> dict:
+    """Writes every plot (PNG + SVG) and scaling_fit.json; returns {name: [paths]}."""
+    os.makedirs(out_dir, exist_ok=True)
+    analysis = analyze(rows, num_bootstrap=num_bootstrap, seed=seed)
+    written = {"loss_vs_compute": _save(plot_loss_vs_compute(rows, analysis), out_dir, "loss_vs_compute")}
+    for name, fig in (("loss_per_t", plot_per_t(rows, analysis)), ("isoflop", plot_isoflop(rows, analysis))):
+        if fig is not None:
+            written[name] = _save(fig, out_dir, name)
+    fit_path = os.path.join(out_dir, "scaling_fit.json")
+    compact = json.loads(json.dumps(analysis))
+    if compact.get("loss_vs_compute"):
+        for key in ("grid", "lo", "hi", "curve"):
+            compact["loss_vs_compute"].pop(key)
+    with open(fit_path, "w") as f:
+        json.dump(compact, f, indent=1)
+    written["fit"] = [fit_path]
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", required=True, help="results.json of a sweep (or its directory)")
+    parser.add_argument("--out", default="", help="output directory (default: <results dir>/plots)")
+    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the band")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rows = scaling.read_results(args.results)
+    results_dir = args.results if os.path.isdir(args.results) else os.path.dirname(os.path.abspath(args.results))
+    out = args.out or os.path.join(results_dir, "plots")
+    written = write_all(rows, out, num_bootstrap=args.bootstrap, seed=args.seed)
+    for name, paths in written.items():
+        print(f"{name}: {', '.join(paths)}")
+
+
+if __name__ == "__main__":
+    main()

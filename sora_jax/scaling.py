@@ -1,0 +1,250 @@
+"""Compute-scaling study: the multiple-to-size rule, compute accounting, result collection.
+
+A sweep point is a compute multiple m of a base run ("base" = 1x, "4x", "16x", ...).
+Compute C is counted as training FLOPs, C ~ N * D (parameters x tokens); the
+split between the two is the knob `data_frac` f:
+
+  parameter factor  p = m^(1 - f) * size_step^size_shift
+  token factor          m^f       / size_step^size_shift      (so p x tokens = m)
+
+`size_shift` (an integer) moves a point along its isoFLOP line: several sizes at
+one budget, declared as "16x,size_shift=-1|0|1".
+
+Parameters grow by scaling width and depth together, the continuous form of
+MaxText's global_parameter_scale (which cycles log2(scale) through heads/MLP,
+embedding width and layers): a transformer has N ~ width^2 * depth, so
+
+  depth  = max(1, round(depth0 * p^(1/3)))                      (1/3 of log2 p)
+  heads  = the integer h >= 1 whose exact parameter count with that depth is
+           closest to p * N0 in log space                       (2/3 of log2 p)
+  width  = heads * head_dim (head_dim fixed), MLP = mlp_ratio * width
+
+so the width absorbs the rounding of the depth. Training steps then make the
+*compute* exact: steps = round(m * F0 * steps0 / F), with F the analytic training
+FLOPs of one step (sora_jax.flops), so every point's cumulative FLOPs are m times
+the base run's up to one step, and its tokens grow by about m^f (exactly m^f
+when FLOPs are proportional to N; attention adds a width-only term). The batch
+(and so the data seen per step), the data and the eval are the same for every
+point; the cosine schedule spans each run's own steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+# --- sweep specs ------------------------------------------------------------------
+
+
+def parse_multiple(name: str) -> float:
+    """"base" -> 1, "4x" -> 4, "0.5x" -> 0.5."""
+    text = str(name).strip().lower()
+    if text == "base":
+        return 1.0
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)x", text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"compute multiple must be 'base' or '<k>x' with k > 0 (e.g. '4x', '16x'), got {name!r}")
+    return float(match.group(1))
+
+
+def expand_sweep(spec: str) -> list[str]:
+    """Expands "a|b,key=1|2" into the point args "a,key=1", "a,key=2", "b,key=1", "b,key=2".
+
+    Every comma-separated item may list alternatives with "|"; the first item is
+    the compute multiple. Order: multiples outermost, then the options in order.
+    """
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise ValueError("empty sweep spec; expected e.g. 'base|4x|16x,preset=cpu'")
+    choices = []
+    for item in items:
+        key, eq, values = item.partition("=")
+        if not eq:
+            choices.append([v.strip() for v in item.split("|") if v.strip()])
+        else:
+            choices.append([f"{key.strip()}={v.strip()}" for v in values.split("|") if v.strip()])
+    for option in choices[0]:
+        parse_multiple(option)
+    return [",".join(combo) for combo in itertools.product(*choices)]
+
+
+def point_name(arg: str) -> str:
+    """A file-system-safe, unique name for a point: "16x,size_shift=-1" -> "16x_size_shift-1"."""
+    name = arg.replace(",", "_").replace("=", "").replace("+", "p")
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    return name
+
+
+# --- the multiple-to-size rule -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The size of a DiT: width = heads * head_dim, MLP = mlp_ratio * width."""
+
+    depth: int
+    heads: int
+    head_dim: int
+    mlp_ratio: float
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the rule decides for one point; every field is recorded with the results."""
+
+    multiple: float
+    data_frac: float
+    size_shift: int
+    shape: Shape
+    steps: int
+    param_factor_target: float
+    param_factor: float  # realised: params / base params
+    flops_factor: float  # realised: total train FLOPs / base total train FLOPs
+    token_factor: float  # realised: steps / base steps (the batch is fixed)
+    params: int
+    train_flops_per_step: float
+    train_flops: float
+
+
+def target_factors(multiple: float, data_frac: float, size_shift: int = 0, size_step: float = 4.0):
+    """(parameter factor, token factor) for a compute multiple; their product is the multiple."""
+    if not 0.0 <= data_frac <= 1.0:
+        raise ValueError(f"data_frac must be in [0, 1], got {data_frac}")
+    if size_step <= 1.0:
+        raise ValueError(f"size_step must be > 1, got {size_step}")
+    shift = size_step ** int(size_shift)
+    return multiple ** (1.0 - data_frac) * shift, multiple**data_frac / shift
+
+
+def scale_shape(base: Shape, param_factor: float, param_count: Callable[[Shape], int]) -> Shape:
+    """Width and depth together: depth takes 1/3 of log2(p), heads fit the exact count."""
+    target = param_factor * param_count(base)
+    depth = max(1, round(base.depth * param_factor ** (1.0 / 3.0)))
+    ideal_heads = base.heads * math.sqrt(param_factor * base.depth / depth)
+    candidates = {max(1, math.floor(ideal_heads) + k) for k in (-1, 0, 1, 2)}
+    best = min(
+        candidates,
+        key=lambda h: abs(math.log(param_count(dataclasses.replace(base, depth=depth, heads=h)) / target)),
+    )
+    return dataclasses.replace(base, depth=depth, heads=best)
+
+
+def plan_point(
+    base: Shape,
+    base_steps: int,
+    multiple: float,
+    data_frac: float,
+    param_count: Callable[[Shape], int],
+    flops_per_step: Callable[[Shape], float],
+    size_shift: int = 0,
+    size_step: float = 4.0,
+) -> Plan:
+    """Applies the rule: the point's shape and its step count for exactly m x base compute."""
+    p_target, _ = target_factors(multiple, data_frac, size_shift, size_step)
+    shape = scale_shape(base, p_target, param_count)
+    base_flops, flops = float(flops_per_step(base)), float(flops_per_step(shape))
+    steps = max(1, round(multiple * base_flops * base_steps / flops))
+    base_params, params = param_count(base), param_count(shape)
+    return Plan(
+        multiple=multiple, data_frac=data_frac, size_shift=int(size_shift), shape=shape, steps=int(steps),
+        param_factor_target=p_target, param_factor=params / base_params,
+        flops_factor=steps * flops / (base_steps * base_flops), token_factor=steps / base_steps,
+        params=int(params), train_flops_per_step=flops, train_flops=steps * flops,
+    )
+
+
+# --- results -------------------------------------------------------------------------
+
+DONE_MARKER = "scaling_done.json"
+
+# Columns of results.csv (results.json has these plus the eval history of each point).
+CSV_COLUMNS = (
+    "point", "arg", "multiple", "size_shift", "data_frac", "depth", "width", "heads", "params",
+    "steps", "tokens", "flops", "flops_xla", "device_seconds", "final_eval_loss",
+)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Reads a JSON-lines file; a truncated last line (a run killed mid-write) is skipped."""
+    rows = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({err})") from err
+    return rows
+
+
+def latest_checkpoint_step(workdir: str) -> int | None:
+    """Highest finished orbax step directory in workdir/checkpoints (None if there is none)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    return max(steps) if steps else None
+
+
+def is_done(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, DONE_MARKER))
+
+
+def mark_done(workdir: str, summary: Mapping[str, Any]) -> None:
+    tmp = os.path.join(workdir, DONE_MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict(summary), f, indent=1, sort_keys=True, default=_jsonable)
+    os.replace(tmp, os.path.join(workdir, DONE_MARKER))
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], out_dir: str, sweep: str = "") -> tuple[str, str]:
+    """Writes results.json (everything) and results.csv (one row per point, per-t columns too)."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "results.json")
+    with open(json_path, "w") as f:
+        json.dump(dict(sweep=sweep, points=list(rows)), f, indent=1, default=_jsonable)
+    t_columns = sorted({k for row in rows for k in row if k.startswith("eval_loss_t")})
+    csv_path = os.path.join(out_dir, "results.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS) + t_columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in writer.fieldnames})
+    return json_path, csv_path
+
+
+def read_results(path: str) -> list[dict]:
+    """Points of a results.json (or of a directory holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+        raise ValueError(f"{path}: expected a JSON object with a 'points' list (written by scaling.write_results)")
+    for i, row in enumerate(data["points"]):
+        for key in ("point", "flops", "final_eval_loss"):
+            if key not in row:
+                raise ValueError(f"{path}: point {i} has no {key!r}")
+    return data["points"]
