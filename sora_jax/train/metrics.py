@@ -1,0 +1,155 @@
+"""Watching a run: JSON lines, TensorBoard, a progress bar, throughput and MFU.
+
+Only process 0 writes; on other processes the writer is silent. Throughput is
+reported per device so runs on different pods compare directly:
+
+  tokens/s          Stage.tokens_in_batch summed over the global batch, per second
+  TFLOP/s/device    Stage.train_flops_per_batch * steps/s / devices
+  MFU               TFLOP/s/device over the accelerator's dense bf16 peak (table
+                    below); on CPU over a measured fp32 matmul peak per device
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device (chip for TPU, GPU for NVIDIA), from vendor specs.
+# Keys are matched as substrings of jax.Device.device_kind (lower-cased), first match wins.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5", 459e12),  # v5p reports "TPU v5"
+    ("tpu v4", 275e12),
+    ("h200", 989e12),  # SXM, dense
+    ("h100", 989e12),  # SXM, dense (PCIe: 756e12)
+    ("a100", 312e12),
+)
+
+_cpu_peak_cache: dict[str, float] = {}
+
+
+def measured_cpu_peak(size: int = 512, repeats: int = 5) -> float:
+    """FLOP/s of an fp32 matmul on the first local device, divided among the local devices.
+
+    Fake CPU devices share the same cores, so each one gets a share of the host peak.
+    """
+    if "cpu" not in _cpu_peak_cache:
+        device = jax.local_devices()[0]
+        a = jax.device_put(np.ones((size, size), np.float32), device)
+        matmul = jax.jit(lambda x: x @ x)
+        matmul(a).block_until_ready()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = matmul(a)
+        out.block_until_ready()
+        seconds = (time.perf_counter() - start) / repeats
+        _cpu_peak_cache["cpu"] = 2 * size**3 / seconds / jax.local_device_count()
+    return _cpu_peak_cache["cpu"]
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for a device."""
+    device = device or jax.devices()[0]
+    kind = device.device_kind.lower()
+    for key, peak in PEAK_FLOPS:
+        if key in kind:
+            return peak, f"{device.device_kind} bf16 spec"
+    if device.platform == "cpu":
+        return measured_cpu_peak(), "measured fp32 matmul per CPU device"
+    return 0.0, f"unknown device kind {device.device_kind!r} (no MFU)"
+
+
+def throughput(steps: int, seconds: float, tokens_per_step: float, flops_per_step: float, num_devices: int,
+               peak: float) -> dict[str, float]:
+    steps_per_s = steps / max(seconds, 1e-9)
+    tflops = flops_per_step * steps_per_s / num_devices / 1e12
+    out = {
+        "perf/steps_per_s": steps_per_s,
+        "perf/tokens_per_s": tokens_per_step * steps_per_s,
+        "perf/tflops_per_device": tflops,
+    }
+    if peak > 0 and flops_per_step > 0:
+        out["perf/mfu"] = tflops * 1e12 / peak
+    return out
+
+
+class MetricsWriter:
+    """JSON lines at workdir/metrics.jsonl plus TensorBoard events in workdir/tb (process 0 only)."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, progress: bool = True):
+        self.active = jax.process_index() == 0
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # tensorboardX is a dependency, but the loop must not die for a log
+            self.tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            smoothing=0.1, mininterval=1.0)
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        self.jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in clean.items():
+                self.tb.add_scalar(key, value, step)
+
+    def progress(self, step: int, loss: float | None = None, steps_per_s: float | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        post = {}
+        if loss is not None:
+            post["loss"] = f"{loss:.4g}"
+        if steps_per_s:
+            post["steps/s"] = f"{steps_per_s:.3g}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def log(self, message: str) -> None:
+        """A line for the human, above the progress bar."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def add_video(self, tag: str, video: np.ndarray, step: int, fps: int = 8) -> None:
+        """video: (N, T, H, W, C) uint8 or float in [0, 1]."""
+        if self.tb is not None:
+            v = np.asarray(video)
+            if v.dtype != np.uint8:
+                v = (np.clip(v, 0, 1) * 255).astype(np.uint8)
+            self.tb.add_video(tag, np.transpose(v, (0, 1, 4, 2, 3)), step, fps=fps)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
