@@ -65,7 +65,7 @@ IMAGE_OBJECT_SENTENCES = ["{Art} {size} {color} {shape} is {where}.", "{Where} t
                           "There is {art} {size} {color} {shape} {where}."]
 MOTION = {
     "static": ["stays still", "does not move", "rests in place", "remains motionless"],
-    "linear": ["moves {dir}", "glides {dir}", "slides {dir}", "drifts {dir}", "travels {dir}"],
+    "linear": ["heads {dir}", "glides {dir}", "slides {dir}", "drifts {dir}", "travels {dir}"],
     "bouncing": ["bounces off the walls, first moving {dir}", "bounces around, heading {dir} at first",
                  "keeps bouncing off the edges, starting {dir}"],
     "falling": ["falls under gravity", "drops down", "falls"],
@@ -159,7 +159,7 @@ def fact_keywords(fact: tuple) -> list[set[str]]:
         return words + [tex]
     if kind == "motion":
         verbs = {"static": {"still", "not move", "rests", "motionless"},
-                 "linear": {"moves", "glides", "slides", "drifts", "travels"},
+                 "linear": {"heads", "glides", "slides", "drifts", "travels"},
                  "bouncing": {"bounces", "bouncing"}, "falling": {"falls", "drops"}}[fact[2]]
         return [verbs] + (_direction_keywords(fact[3]) if fact[3] else [])
     if kind == "floor_bounce":
