@@ -169,8 +169,9 @@ DONE_MARKER = "scaling_done.json"
 
 # Columns of results.csv (results.json has these plus the eval history of each point).
 CSV_COLUMNS = (
-    "point", "arg", "multiple", "size_shift", "data_frac", "depth", "width", "heads", "params",
-    "steps", "tokens", "flops", "flops_xla", "device_seconds", "final_eval_loss",
+    "point", "arg", "multiple", "size_shift", "data_frac", "depth", "width", "heads", "params", "dit_params",
+    "steps", "tokens", "flops", "flops_xla", "device_seconds", "wall_seconds", "num_devices",
+    "final_eval_loss", "eval_ema_loss",
 )
 
 
@@ -248,3 +249,169 @@ def read_results(path: str) -> list[dict]:
             if key not in row:
                 raise ValueError(f"{path}: point {i} has no {key!r}")
     return data["points"]
+
+
+# --- compute accounting ----------------------------------------------------------------
+#
+# The loop (sora_jax/train/loop.py) writes workdir/metrics.jsonl, one JSON object per
+# event: train lines carry train/* and perf/steps_per_s, perf/tokens_per_s,
+# perf/tflops_per_device; eval lines carry eval/<metric> (and eval_ema/<metric>).
+# It does not write cumulative totals, so they are derived here after the run:
+#   flops_per_step  the loop's own analytic count (Stage.train_flops_per_batch, from
+#                   sora_jax.flops), recovered as tflops_per_device x devices / steps_per_s;
+#                   the plan's (config) count when no train line was logged
+#   flops           steps x flops_per_step: the compute in the final model. Steps redone
+#                   after a resume are not counted here (device_seconds counts them)
+#   tokens          real (non-padding) latent tokens seen: sum over log windows of
+#                   window steps x tokens_per_s / steps_per_s
+#   device_seconds  sum over log windows of window steps / steps_per_s x devices: time in
+#                   train steps; wall_seconds (the runner's clock around each launch)
+#                   adds start-up, compile, eval and checkpoint time
+#   flops_xla       steps x XLA cost_analysis FLOPs of the compiled step (per device, as
+#                   printed by the loop's preflight) x devices: the cross-check
+
+WALL_FILE = "scaling_wall.json"
+TRAIN_LOG = "scaling_train.log"  # the runner's capture of the loop's stdout/stderr
+_PER_T = re.compile(r"^(?:loss[/_@]?)?t=?([0-9]*\.?[0-9]+)$")
+_PREFLIGHT_DEVICES = re.compile(r"\[preflight\] stage=\S+ devices=(\d+)")
+_PREFLIGHT_XLA = re.compile(r"FLOPs/step: \S+ analytic, ([0-9.eE+-]+) from XLA cost analysis \(per device\)")
+
+
+def metrics_lines(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return read_jsonl(path) if os.path.exists(path) else []
+
+
+def last_logged_step(workdir: str) -> int | None:
+    steps = [int(line["step"]) for line in metrics_lines(workdir) if "step" in line]
+    return max(steps) if steps else None
+
+
+def add_wall_seconds(workdir: str, seconds: float) -> None:
+    path = os.path.join(workdir, WALL_FILE)
+    total = 0.0
+    if os.path.exists(path):
+        with open(path) as f:
+            total = float(json.load(f)["wall_seconds"])
+    with open(path, "w") as f:
+        json.dump({"wall_seconds": total + float(seconds)}, f)
+
+
+def _eval_values(line: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """eval/loss -> eval_loss; eval/loss_t0.25 (or eval/t0.25) -> eval_loss_t0.25; others kept by name."""
+    out = {}
+    for key, value in line.items():
+        if not key.startswith(prefix + "/"):
+            continue
+        name = key[len(prefix) + 1:]
+        match = _PER_T.match(name)
+        if name == "loss":
+            out["eval_loss"] = float(value)
+        elif match:
+            out[f"eval_loss_t{float(match.group(1)):g}"] = float(value)
+        else:
+            out[f"eval_{name}"] = float(value)
+    return out
+
+
+def _latest_run_lines(lines: Sequence[dict]) -> list[dict]:
+    """Drops lines a resumed run superseded: after a restart at step s, earlier lines past s."""
+    kept: list[dict] = []
+    for line in lines:
+        step = int(line.get("step", -1))
+        while kept and int(kept[-1].get("step", -1)) > step:
+            kept.pop()
+        kept.append(line)
+    return kept
+
+
+def _windows(lines: Sequence[dict]) -> list[tuple[int, dict]]:
+    """(steps in the window, line) for each train line; the first window of a launch gets the median size."""
+    train = [line for line in lines if line.get("perf/steps_per_s")]
+    deltas, previous = [], None
+    for line in train:
+        step = int(line["step"])
+        deltas.append(step - previous if previous is not None and step > previous else None)
+        previous = step
+    known = sorted(d for d in deltas if d)
+    typical = known[len(known) // 2] if known else (int(train[0]["step"]) if train else 0)
+    return [(d if d else typical, line) for d, line in zip(deltas, train)]
+
+
+def log_facts(workdir: str) -> dict:
+    """Devices and the XLA cost-analysis FLOPs/step from the loop's preflight lines (last launch)."""
+    facts: dict = {}
+    path = os.path.join(workdir, TRAIN_LOG)
+    if os.path.exists(path):
+        with open(path, errors="replace") as f:
+            text = f.read()
+        devices = _PREFLIGHT_DEVICES.findall(text)
+        xla = _PREFLIGHT_XLA.findall(text)
+        if devices:
+            facts["num_devices"] = int(devices[-1])
+        if xla:
+            facts["xla_flops_per_step_per_device"] = float(xla[-1])
+    return facts
+
+
+def summarize_point(arg: str, workdir: str, plan: Mapping[str, Any]) -> dict:
+    """One results row: the plan's sizes + compute accounting + held-out losses (see above)."""
+    all_lines = metrics_lines(workdir)
+    if not all_lines:
+        raise ValueError(f"{workdir}/metrics.jsonl is missing or empty: point {arg!r} has no results")
+    lines = _latest_run_lines(all_lines)
+    facts = log_facts(workdir)
+    num_devices = int(facts.get("num_devices", plan.get("num_devices", 1)))
+    steps = max(int(line["step"]) for line in lines)
+
+    windows = _windows(all_lines)
+    logged = [line for _, line in windows if line.get("perf/tflops_per_device")]
+    if logged:
+        last = logged[-1]
+        flops_per_step = last["perf/tflops_per_device"] * 1e12 * num_devices / last["perf/steps_per_s"]
+    else:
+        flops_per_step = float(plan["train_flops_per_step"])
+    kept_windows = _windows(lines)
+    tokens = sum(n * line.get("perf/tokens_per_s", 0.0) / line["perf/steps_per_s"] for n, line in kept_windows)
+    seconds = sum(n / line["perf/steps_per_s"] for n, line in windows)
+
+    history = []
+    for line in lines:
+        values = _eval_values(line)
+        if "eval_loss" in values:
+            step = int(line["step"])
+            ema = _eval_values(line, "eval_ema").get("eval_loss")
+            history.append(dict(step=step, flops=step * flops_per_step, **values,
+                                **({"eval_ema_loss": ema} if ema is not None else {})))
+    if not history:
+        raise ValueError(f"{workdir}/metrics.jsonl has no eval/loss line; point {arg!r} has no held-out loss")
+    final = history[-1]
+    wall = None
+    if os.path.exists(os.path.join(workdir, WALL_FILE)):
+        with open(os.path.join(workdir, WALL_FILE)) as f:
+            wall = float(json.load(f)["wall_seconds"])
+    xla = facts.get("xla_flops_per_step_per_device")
+    plan_keys = ("multiple", "size_shift", "data_frac", "depth", "width", "heads", "mlp_dim", "params", "dit_params")
+    return dict(
+        point=point_name(arg), arg=arg, **{k: plan[k] for k in plan_keys if k in plan},
+        steps=steps, planned_steps=int(plan["steps"]), tokens=tokens if tokens else None,
+        flops=steps * flops_per_step, flops_per_step=flops_per_step,
+        flops_per_step_plan=float(plan["train_flops_per_step"]),
+        flops_xla=steps * xla * num_devices if xla else None,
+        device_seconds=seconds * num_devices if windows else None, num_devices=num_devices,
+        wall_seconds=wall, final_eval_step=final["step"], final_eval_loss=final["eval_loss"],
+        **{k: v for k, v in final.items() if k.startswith("eval_") and k != "eval_loss"},
+        eval_history=history,
+    )
+
+
+def plan_from_config(arg: str, config_file: str | None = None) -> dict:
+    """config.scaling of configs/scaling.py:arg (what the rule planned for this point)."""
+    import importlib.util
+
+    path = config_file or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                       "configs", "scaling.py")
+    spec = importlib.util.spec_from_file_location("_sora_configs_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.get_config(arg).scaling)
