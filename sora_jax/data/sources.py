@@ -257,8 +257,9 @@ def _tfds_mapping(name: str, info) -> tuple[str, Callable, float]:
     import tensorflow_datasets as tfds
 
     video_key = next((k for k, f in info.features.items() if isinstance(f, tfds.features.Video)), None)
+    video_key = video_key or next((k for k in ("video", "frames", "image_sequence") if k in info.features), None)
     if video_key is None:
-        raise DataError(f"TFDS data set {name!r} has no Video feature; features: {list(info.features)}")
+        raise DataError(f"TFDS data set {name!r} has no Video (or 'video'/'frames') feature; features: {list(info.features)}")
     for key in _TEXT_KEYS:
         if key in info.features:
             return video_key, (lambda ex, info, key=key: _as_str(ex[key])), 0.0

@@ -33,6 +33,13 @@ class SoraToyWorld(tfds.core.GeneratorBasedBuilder):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
+    # TFDS looks for a checksums file next to the builder's source via
+    # `importlib_resources`, which is not installed (and nothing is downloaded here).
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
