@@ -314,28 +314,53 @@ def _eval_values(line: Mapping[str, Any], prefix: str = "eval") -> dict[str, flo
     return out
 
 
-def _latest_run_lines(lines: Sequence[dict]) -> list[dict]:
-    """Drops lines a resumed run superseded: after a restart at step s, earlier lines past s."""
-    kept: list[dict] = []
+def _is_train(line: Mapping[str, Any]) -> bool:
+    return bool(line.get("perf/steps_per_s"))
+
+
+def _segments(lines: Sequence[dict]) -> list[list[dict]]:
+    """Splits the appended metrics of several launches: a launch starts where a line's step
+    does not increase over the previous line of the same kind (train or eval)."""
+    segments: list[list[dict]] = []
+    last: dict[bool, int] = {}
     for line in lines:
-        step = int(line.get("step", -1))
-        while kept and int(kept[-1].get("step", -1)) > step:
-            kept.pop()
-        kept.append(line)
+        kind, step = _is_train(line), int(line.get("step", -1))
+        if not segments or (kind in last and step <= last[kind]):
+            segments.append([])
+            last = {}
+        segments[-1].append(line)
+        last[kind] = step
+    return segments
+
+
+def _latest_run_lines(lines: Sequence[dict]) -> list[dict]:
+    """The lines that describe the final model: a launch that resumed and first logged step f
+    supersedes every earlier line at step >= f (redone after the crash)."""
+    kept: list[dict] = []
+    for segment in _segments(lines):
+        first = int(segment[0].get("step", -1))
+        kept = [line for line in kept if int(line.get("step", -1)) < first] + segment
     return kept
 
 
 def _windows(lines: Sequence[dict]) -> list[tuple[int, dict]]:
-    """(steps in the window, line) for each train line; the first window of a launch gets the median size."""
-    train = [line for line in lines if line.get("perf/steps_per_s")]
-    deltas, previous = [], None
-    for line in train:
-        step = int(line["step"])
-        deltas.append(step - previous if previous is not None and step > previous else None)
-        previous = step
-    known = sorted(d for d in deltas if d)
-    typical = known[len(known) // 2] if known else (int(train[0]["step"]) if train else 0)
-    return [(d if d else typical, line) for d, line in zip(deltas, train)]
+    """(steps in the log window, train line) for every train line of every launch.
+
+    A window runs from the previous train line of the lines still valid at that point;
+    a resumed launch's first window thus starts at the last kept log step (its checkpoint
+    when checkpoints fall on log steps, as the presets arrange)."""
+    out: list[tuple[int, dict]] = []
+    kept: list[dict] = []
+    for segment in _segments(lines):
+        first = int(segment[0].get("step", -1))
+        kept = [line for line in kept if int(line.get("step", -1)) < first]
+        previous = max((int(line["step"]) for line in kept if _is_train(line)), default=0)
+        for line in segment:
+            if _is_train(line):
+                out.append((int(line["step"]) - previous, line))
+                previous = int(line["step"])
+        kept += segment
+    return out
 
 
 def log_facts(workdir: str) -> dict:
@@ -364,7 +389,7 @@ def summarize_point(arg: str, workdir: str, plan: Mapping[str, Any]) -> dict:
     num_devices = int(facts.get("num_devices", plan.get("num_devices", 1)))
     steps = max(int(line["step"]) for line in lines)
 
-    windows = _windows(all_lines)
+    windows = _windows(all_lines)  # every launch: device time includes redone steps
     logged = [line for _, line in windows if line.get("perf/tflops_per_device")]
     if logged:
         last = logged[-1]
