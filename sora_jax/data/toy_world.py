@@ -400,14 +400,14 @@ def _background_canvas(bg: dict, y0: int, x0: int, h: int, w: int, frame_w: int)
 def render(gt: dict) -> np.ndarray:
     """Draws the scene described by `gt` (and fills its per-frame screen fields). uint8 (T, H, W, 3)."""
     T, H, W = gt["num_frames"], gt["height"], gt["width"]
-    offsets = np.asarray(gt["camera"]["offsets"], np.int64).reshape(T, 2)
-    ox0, oy0 = offsets.min(0)
-    ox1, oy1 = offsets.max(0)
+    offsets = [(int(x), int(y)) for x, y in gt["camera"]["offsets"]]  # python ints: numpy scalars are slow here
+    ox0, oy0 = min(o[0] for o in offsets), min(o[1] for o in offsets)
+    ox1, oy1 = max(o[0] for o in offsets), max(o[1] for o in offsets)
     canvas = _background_canvas(gt["background"], oy0, ox0, H + oy1 - oy0, W + ox1 - ox0, W)
     objects = gt["objects"]
     painter = gt["painter"]
     painter_obj = objects[painter["object"]] if painter else None
-    occ_boxes = [np.asarray(o["box_world"]) for o in gt["occluders"]]
+    occ_boxes = [[float(v) for v in o["box_world"]] for o in gt["occluders"]]
     video = np.empty((T, H, W, 3), np.uint8)
     colors = np.asarray([o["rgb"] for o in objects] + [o["rgb"] for o in gt["occluders"]] or [[0, 0, 0]], np.uint8)
     n_obj = len(objects)
@@ -421,11 +421,12 @@ def render(gt: dict) -> np.ndarray:
             cur = np.asarray(painter_obj["world_centers"][f])
             prev = np.asarray(painter_obj["world_centers"][max(f - 1, 0)])
             _stamp_capsule(canvas, prev - (ox0, oy0), cur - (ox0, oy0), painter["brush_radius"], painter["rgb"])
-        frame = canvas[oy - oy0: oy - oy0 + H, ox - ox0: ox - ox0 + W].copy()
+        frame = video[f]
+        frame[:] = canvas[oy - oy0: oy - oy0 + H, ox - ox0: ox - ox0 + W]
         owner = np.full((H, W), -1, np.int16)  # who is seen at each pixel: object id, occluder n_obj+k, or -1
         rasters = []
         for o in objects:
-            cx, cy = o["world_centers"][f][0] - ox, o["world_centers"][f][1] - oy
+            cx, cy = float(o["world_centers"][f][0]) - ox, float(o["world_centers"][f][1]) - oy
             ys, xs = _raster(o["shape"], o["radius"], cx, cy)
             inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
             rasters.append((ys[inside], xs[inside], len(ys)))
@@ -435,7 +436,7 @@ def render(gt: dict) -> np.ndarray:
             o["frames"]["box"].append([round(cx - l, 3), round(cy - t, 3), round(cx + r, 3), round(cy + b, 3)])
         occ_mask = np.zeros((H, W), bool)
         for k, box in enumerate(occ_boxes):
-            x0, y0, x1, y1 = box - (ox, oy, ox, oy)
+            x0, y0, x1, y1 = box[0] - ox, box[1] - oy, box[2] - ox, box[3] - oy
             # pixel centres inside the box, clipped to the frame
             cx0, cy0 = max(0, math.ceil(x0 - 0.5)), max(0, math.ceil(y0 - 0.5))
             cx1, cy1 = min(W, math.floor(x1 - 0.5) + 1), min(H, math.floor(y1 - 0.5) + 1)
@@ -445,7 +446,6 @@ def render(gt: dict) -> np.ndarray:
                 occ_mask[cy0:cy1, cx0:cx1] = True
         seen = owner >= 0
         frame[seen] = colors[owner[seen]]
-        video[f] = frame
         for o, (ys, xs, total) in zip(objects, rasters):
             total = max(total, 1)
             o["frames"]["in_frame"].append(round(len(ys) / total, 4))
