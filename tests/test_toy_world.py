@@ -233,3 +233,14 @@ def test_phenomena_happen_when_asked(prob, fact):
         total += 1
         hits += any(f[0] == fact for f in captions.caption_facts(gt))
     assert total >= 15 and hits >= 0.85 * total, (hits, total)
+
+
+def test_gallery(tmp_path):
+    from sora_jax.data import toy_gallery
+    from sora_jax.data.video_io import read_video
+
+    tiles = toy_gallery.make_gallery(str(tmp_path / "g.gif"), n=3, seed=0, cols=2, scale=1)
+    frames, _ = read_video(tmp_path / "g.gif")
+    assert frames.shape[0] == max(int(t["shape"].split("x")[0]) for t in tiles)
+    assert [t["caption"] for t in tiles] == [ToyWorld(seed=0)[i]["caption"] for i in range(3)]
+    assert toy_gallery.markdown_table(tiles).count("\n") == 4
