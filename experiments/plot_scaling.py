@@ -12,6 +12,9 @@ PNG and SVG:
   isoflop           loss vs parameters at each budget that has several sizes,
                     with the parabola in log N and its minimum;
 and scaling_fit.json with the fitted parameters, exponent intervals and minima.
+With --grid, samples_grid.{mp4,gif,png}: the final samples of every point (same
+prompts and seeds, written by the DiT stage at the end of training and decoded
+with the sweep's VAE) side by side, ordered by compute: the report's figure.
 """
 
 from __future__ import annotations
@@ -184,17 +187,103 @@ def write_all(rows: Sequence[Mapping], out_dir: str, num_bootstrap: int = 500, s
     return written
 
 
+# --- side-by-side samples (the report's figure) -----------------------------------------
+
+SAMPLE_KEYS = ("prompts", "latent_shape", "sampler", "steps", "guidance", "seed")
+
+
+def final_samples(workdir: str) -> tuple[dict, list[np.ndarray]]:
+    """The decoded samples the DiT stage wrote after a point's last step (workdir/samples/step_*)."""
+    from sora_jax.data import video_io
+
+    directory = os.path.join(workdir, "samples")
+    steps = sorted(d for d in os.listdir(directory) if d.startswith("step_")) if os.path.isdir(directory) else []
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no samples; the DiT stage writes them at the end of training")
+    last = os.path.join(directory, steps[-1])
+    with open(os.path.join(last, "prompts.json")) as f:
+        meta = json.load(f)
+    videos = []
+    for i in range(len(meta["prompts"])):
+        path = os.path.join(last, f"sample_{i}.gif")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the samples of {workdir} were saved as latents only (no VAE to decode "
+                "them); train the sweep with vae=DIR so the stage decodes its samples")
+        videos.append(video_io.read_video(path)[0])
+    return meta, videos
+
+
+def _label(text: str, width: int, height: int = 14) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(image).text((2, 1), text, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def sample_grid(rows: Sequence[Mapping], root: str, out_dir: str, fps: float = 8.0) -> list[str]:
+    """One video: a column per sweep point (by compute), a row per prompt, same prompts and seeds.
+
+    Every point must have sampled with the same settings (config.samples is shared by
+    configs/scaling.py); a mismatch is an error rather than a misleading figure.
+    """
+    from sora_jax.data import video_io
+
+    ordered = sorted(rows, key=lambda r: r["flops"])
+    metas, columns = [], []
+    for row in ordered:
+        meta, videos = final_samples(os.path.join(root, row["point"]))
+        metas.append(meta)
+        columns.append(videos)
+    reference = {k: metas[0].get(k) for k in SAMPLE_KEYS}
+    for row, meta in zip(ordered, metas):
+        if {k: meta.get(k) for k in SAMPLE_KEYS} != reference:
+            raise ValueError(f"point {row['point']} sampled with {({k: meta.get(k) for k in SAMPLE_KEYS})}, "
+                             f"not {reference}: the grid needs the same prompts and seeds everywhere")
+    all_videos = [v for col in columns for v in col]
+    t = max(v.shape[0] for v in all_videos)
+    h = max(v.shape[1] for v in all_videos)
+    w = max(v.shape[2] for v in all_videos)
+
+    def fit(video):  # same length (hold the last frame) and size (white padding)
+        video = np.concatenate([video, np.repeat(video[-1:], t - video.shape[0], 0)], 0)
+        return np.pad(video, ((0, 0), (0, h - video.shape[1]), (0, w - video.shape[2]), (0, 0)), constant_values=255)
+
+    pad = 2
+    header = np.concatenate([np.concatenate([_label(f"{r['point']}", w), np.full((14, pad, 3), 255, np.uint8)], 1)
+                             for r in ordered], 1)
+    frames = []
+    for k in range(t):
+        grid_rows = [header]
+        for p in range(len(reference["prompts"])):
+            cells = [np.pad(fit(col[p])[k], ((0, pad), (0, pad), (0, 0)), constant_values=255) for col in columns]
+            grid_rows.append(np.concatenate(cells, 1))
+        frames.append(np.concatenate(grid_rows, 0))
+    frames = np.stack(frames)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [video_io.write_video(os.path.join(out_dir, f"samples_grid.{ext}"), frames if ext != "png" else
+                                  frames[t // 2:t // 2 + 1], fps) for ext in ("mp4", "gif", "png")]
+    with open(os.path.join(out_dir, "samples_grid.json"), "w") as f:
+        json.dump(dict(columns=[r["point"] for r in ordered], **reference), f, indent=1)
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", required=True, help="results.json of a sweep (or its directory)")
     parser.add_argument("--out", default="", help="output directory (default: <results dir>/plots)")
     parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the band")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", action="store_true",
+                        help="also write samples_grid.{mp4,gif,png}: every point's final samples side by side")
     args = parser.parse_args(argv)
     rows = scaling.read_results(args.results)
     results_dir = args.results if os.path.isdir(args.results) else os.path.dirname(os.path.abspath(args.results))
     out = args.out or os.path.join(results_dir, "plots")
     written = write_all(rows, out, num_bootstrap=args.bootstrap, seed=args.seed)
+    if args.grid:
+        written["samples_grid"] = sample_grid(rows, results_dir, out)
     for name, paths in written.items():
         print(f"{name}: {', '.join(paths)}")
 

@@ -178,3 +178,40 @@ def test_expand_sweep_and_names():
         with pytest.raises(ValueError, match="compute multiple"):
             scaling.parse_multiple(bad)
     assert np.isclose(np.prod(scaling.target_factors(16.0, 0.25)), 16.0)
+
+
+def _write_samples(workdir, colour, seed=0, frames=3):
+    from sora_jax.data import video_io
+
+    out = os.path.join(workdir, "samples", "step_0000010")
+    os.makedirs(out, exist_ok=True)
+    meta = dict(step=10, prompts=["a", "b"], latent_shape=[3, 8, 8], sampler="heun", steps=4, guidance=3.0, seed=seed)
+    json.dump(meta, open(os.path.join(out, "prompts.json"), "w"))
+    for i in range(2):
+        video = np.zeros((frames, 16, 24, 3), np.uint8)
+        video[..., colour] = 60 + 100 * i
+        video[:, :2, :2, 1] = np.arange(frames)[:, None, None] * 50  # frames differ (GIF merges equal frames)
+        video_io.write_video(os.path.join(out, f"sample_{i}.gif"), video)
+
+
+def test_sample_grid_tiles_points_by_compute_and_refuses_mismatched_seeds(tmp_path):
+    from sora_jax.data import video_io
+
+    rows = [dict(point="big", flops=4e9), dict(point="small", flops=1e9)]
+    _write_samples(tmp_path / "small", 0, frames=3)
+    _write_samples(tmp_path / "big", 2, frames=2)
+    paths = plot_scaling.sample_grid(rows, str(tmp_path), str(tmp_path / "plots"))
+    grid, _ = video_io.read_video(paths[1])  # the gif
+    assert grid.shape[0] == 3  # the shorter video holds its last frame
+    body = grid[-1, 14:, :, :]  # below the label strip
+    assert body.shape[0] == 2 * (16 + 2) and grid.shape[2] == 2 * (24 + 2)
+    assert body[4, 4, 0] > 40 and body[4, 4, 2] < 20 and body[4, 28, 0] < 20  # left column: the small (less compute) point, red
+    assert body[4, 30, 2] > 40 and body[4, 30, 0] < 20  # right column: blue
+    assert json.load(open(tmp_path / "plots" / "samples_grid.json"))["columns"] == ["small", "big"]
+
+    _write_samples(tmp_path / "big", 2, seed=1)
+    with pytest.raises(ValueError, match="same prompts and seeds"):
+        plot_scaling.sample_grid(rows, str(tmp_path), str(tmp_path / "plots"))
+    os.remove(tmp_path / "small" / "samples" / "step_0000010" / "sample_1.gif")
+    with pytest.raises(FileNotFoundError, match="latents only"):
+        plot_scaling.sample_grid(rows, str(tmp_path), str(tmp_path / "plots"))
