@@ -159,13 +159,6 @@ def stack_bucket(examples: Sequence[dict], batch_size: int) -> dict:
     return out
 
 
-def tokens_as_rows(batch: dict, max_slots: int = 1) -> dict:
-    """A bucket of same-grid token examples -> a token batch with one example per row."""
-    rows = [[ex] for ex in batch]
-    n = batch[0]["tokens"].shape[0]
-    return pack_rows(rows, n, max_slots, batch[0]["text_ids"].shape[-1])
-
-
 # --- policies: which buffered examples form the next batch ---------------------------
 
 
