@@ -11,6 +11,7 @@ sharding tests see FSDP and tensor parallelism. Usable from the CLI:
 from __future__ import annotations
 
 import os
+import time
 
 import grain
 import jax
@@ -60,7 +61,7 @@ class RegressionStage(Stage):
         if c.batch_size % process_count:
             raise ValueError(f"data.batch_size {c.batch_size} not divisible by {process_count} processes")
         local = c.batch_size // process_count
-        seed, nan_at = int(self.config.seed), int(c.nan_at_step)
+        seed, nan_at, sleep_s = int(self.config.seed), int(c.nan_at_step), float(c.sleep_s)
 
         def finish(index, batch):
             # Each process keeps its slice of the global batch.
@@ -71,7 +72,12 @@ class RegressionStage(Stage):
 
         ds = (grain.MapDataset.range(c.num_examples).shuffle(seed=seed).repeat(None)
               .map(lambda i: _example(seed, i)).batch(c.batch_size).map_with_index(finish))
-        return iter(ds.to_iter_dataset())
+        def throttle(batch):
+            time.sleep(sleep_s)  # on the consuming thread: lets process tests (kill, SIGTERM) act mid-run
+            return batch
+
+        ids = ds.to_iter_dataset()  # prefetches in background threads
+        return iter(ids.map(throttle) if sleep_s else ids)
 
     def eval_batches(self):
         c = self.config.data
@@ -100,11 +106,11 @@ class RegressionStage(Stage):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = config_lib.parse_arg(arg, steps=6, batch=16, micro=1, nan_at=0)
+    a = config_lib.parse_arg(arg, steps=6, batch=16, micro=1, nan_at=0, sleep=0.0)
     c = config_lib.base_config()
     c.stage = "tests.helpers_stage:RegressionStage"
     c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(batch_size=a.batch, num_examples=256, nan_at_step=a.nan_at))
+    c.data = ml_collections.ConfigDict(dict(batch_size=a.batch, num_examples=256, nan_at_step=a.nan_at, sleep_s=a.sleep))
     c.optim.lr = 3e-2
     c.optim.warmup_steps = 2
     c.optim.weight_decay = 0.01
@@ -120,3 +126,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.progress = False
     c.mesh.data = -1
     return c
+
+
+# --- helpers for the loop tests ---------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env(devices: int = 8) -> dict:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
+               # Subprocesses share compiled steps through JAX's persistent cache (keyed by the program).
+               JAX_COMPILATION_CACHE_DIR=os.path.join("/tmp", f"sora_jax_test_jax_cache_{os.getuid()}"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
+def cli_command(workdir: str, arg: str = "", overrides: tuple = ()) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "sora_jax.main", f"--config=tests/helpers_stage.py:{arg}",
+            f"--workdir={workdir}", *overrides]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+    """step -> train loss from metrics.jsonl; a resumed run's later entry for a step wins."""
+    import json
+
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "train/loss" in row:
+                out[row["step"]] = row["train/loss"]
+    return out

@@ -283,7 +283,7 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
             preempted = preemption.reached(step)
             do_eval = int(tcfg.eval_every) >= 0 and _every(step, int(tcfg.eval_every), total_steps)
             do_save = _every(step, int(tcfg.checkpoint_every), total_steps) or preempted
-            do_samples = _every(step, int(tcfg.sample_every), total_steps)
+            do_samples = int(tcfg.sample_every) >= 0 and _every(step, int(tcfg.sample_every), total_steps)
             if do_eval or do_save or do_samples:
                 handle(pending)  # sync: never checkpoint or evaluate an unchecked state
                 pending = None

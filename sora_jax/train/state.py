@@ -173,7 +173,7 @@ def make_train_step(stage, setup: TrainSetup, config: ml_collections.ConfigDict)
             total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), split))
             loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, total)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=opt_state)
@@ -185,7 +185,7 @@ def make_train_step(stage, setup: TrainSetup, config: ml_collections.ConfigDict)
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
         out = {f"train/{k}": jnp.mean(v).astype(jnp.float32) for k, v in metrics.items()}
         out.update({"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": schedule(state["step"]),
-                    "train/param_norm": optax.global_norm(new_params), "ok": ok.astype(jnp.float32)})
+                    "train/param_norm": optax.tree.norm(new_params), "ok": ok.astype(jnp.float32)})
         return new_state, out
 
     return train_step

@@ -1,0 +1,74 @@
+"""Checkpoints in-process: restoring onto another device count and mesh; corrupt latest falls back."""
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+import helpers_stage
+from sora_jax import sharding
+from sora_jax.train import checkpoint as ckpt_lib
+from sora_jax.train import loop
+from sora_jax.train import state as state_lib
+
+
+def _params(state):
+    leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+def test_restore_8_device_checkpoint_on_4_devices(tmp_path):
+    workdir = str(tmp_path / "w")
+    config = helpers_stage.get_config("steps=4")
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    loop.train(config, workdir)
+
+    stage = helpers_stage.RegressionStage(config)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    restored = {}
+    for name, devices, axes in [("8", jax.devices(), dict(data=2, fsdp=2, tensor=2)),
+                                ("4", jax.devices()[:4], dict(data=1, fsdp=2, tensor=2))]:
+        mesh = sharding.make_mesh(axes, devices)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            setup = state_lib.build_train_setup(stage, config, mesh, rules)
+            ckpt = ckpt_lib.Checkpointer(workdir)
+            state = ckpt.restore(4, setup.abstract_state)
+            ckpt.close()
+        kernel = state["params"]["up"]["kernel"][...]
+        assert kernel.sharding.mesh.devices.size == len(devices)
+        assert len(kernel.addressable_shards) == len(devices)
+        restored[name] = _params(state)
+        assert int(state["step"]) == 4
+    for key, value in restored["8"].items():
+        np.testing.assert_array_equal(restored["4"][key], value)
+
+    # restore_model rebuilds the model from the workdir alone, here on the 4-device mesh.
+    config2, model = ckpt_lib.restore_model(workdir, mesh=sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2},
+                                                                            jax.devices()[:4]))
+    assert config2.stage == config.stage
+    assert model.up.kernel[...].shape == (helpers_stage.D_IN, helpers_stage.D_HIDDEN)
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    config = helpers_stage.get_config("steps=4")
+    loop.train(config, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+    damaged = 0
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if name != "_METADATA" and not name.startswith("_"):
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(3)
+                damaged += 1
+    assert damaged
+    capsys.readouterr()
+
+    config = helpers_stage.get_config("steps=6")
+    result = loop.train(config, workdir)
+    out = capsys.readouterr().out
+    assert "checkpoint 4" in out and "corrupt" in out and "falling back to checkpoint 2" in out
+    assert "Resumed from checkpoint 2" in out
+    assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+    assert result.step == 6 and 4 in result.checkpoint_steps  # step 4 was retrained and saved again
