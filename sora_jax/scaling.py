@@ -74,9 +74,14 @@ def expand_sweep(spec: str) -> list[str]:
     return [",".join(combo) for combo in itertools.product(*choices)]
 
 
+# Options that say where the inputs are, not what the point is: left out of point names.
+LOCATION_OPTIONS = ("latents", "vae")
+
+
 def point_name(arg: str) -> str:
     """A file-system-safe, unique name for a point: "16x,size_shift=-1" -> "16x_size_shift-1"."""
-    name = arg.replace(",", "_").replace("=", "").replace("+", "p")
+    items = [i for i in arg.split(",") if i.partition("=")[0].strip() not in LOCATION_OPTIONS]
+    name = ",".join(items).replace(",", "_").replace("=", "").replace("+", "p")
     name = re.sub(r"[^A-Za-z0-9._-]", "-", name)
     return name
 

@@ -173,6 +173,7 @@ def test_expand_sweep_and_names():
         "16x,size_shift=-1,preset=micro", "16x,size_shift=0,preset=micro", "16x,size_shift=+1,preset=micro"]
     names = {scaling.point_name(a) for a in scaling.expand_sweep("4x|16x,size_shift=-1|0|+1")}
     assert len(names) == 6 and all("/" not in n and "," not in n for n in names)
+    assert scaling.point_name("4x,preset=cpu,latents=/data/lat,vae=/data/vae") == "4x_presetcpu"
     assert scaling.parse_multiple("base") == 1.0 and scaling.parse_multiple("32x") == 32.0
     for bad in ("x4", "0x", "huge"):
         with pytest.raises(ValueError, match="compute multiple"):
