@@ -1,0 +1,54 @@
+"""Two processes x 4 CPU devices (gloo collectives) train exactly like one process with 8 devices."""
+
+import os
+import socket
+import subprocess
+
+import numpy as np
+
+import helpers_stage
+from sora_jax.train import loop
+
+MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    reference = str(tmp_path / "one")
+    config = helpers_stage.get_config("steps=4")
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    config.train.update(sample_every=-1)
+    loop.train(config, reference)
+
+    workdir = str(tmp_path / "two")
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = helpers_stage.cli_command(workdir, "steps=4", MESH + (
+            "--config.train.sample_every=-1", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+            f"--process_id={pid}"))
+        procs.append(subprocess.Popen(cmd, cwd=helpers_stage.REPO, env=helpers_stage.cli_env(devices=4),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-4000:]
+    assert "2 process(es) (explicit), 8 devices" in outputs[0]
+
+    want, got = helpers_stage.train_losses(reference), helpers_stage.train_losses(workdir)
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+    # Both processes wrote their data-iterator state into the shared checkpoint.
+    data_dir = os.path.join(workdir, "checkpoints", "4", "data")
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
