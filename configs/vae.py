@@ -1,0 +1,97 @@
+"""Stage "vae": train the causal video VAE (sora_jax/models/vae.py).
+
+  python -m sora_jax.main --config=configs/vae.py:quick --workdir=/tmp/vae_quick
+
+Variants (the first argument):
+  small     the "vae-small" bench architecture (base width 32, mults (1,2,4,4), one res
+            block per level, 16 latent channels, 4x8x8; 10.1M parameters, the same as
+            diffusers' AutoencoderKLWan(base_dim=32)) on 17-frame 64x64 toy-world clips
+  quick     the ~15 min CPU fidelity run: base width 16, same compression (4x8x8,
+            16 channels), 9-frame clips of ~48x48 pixels plus images
+  micro     tests / runlocal: base width 8, a few steps on tiny clips
+Other arguments: steps=N, runlocal (shrinks to a smoke run), gan (enables the GAN terms).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sora_jax import config_lib
+from sora_jax.data.config import default_data_config
+from sora_jax.stages.vae import vae_defaults
+
+# variant -> (model overrides, data overrides, toy-world overrides, train steps, lr)
+VARIANTS = {
+    "small": (
+        dict(base_width=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2),
+        dict(frames=17, pixels=64 * 64, batch_size=2, max_batch_size=16, num_train=4096, num_eval=32),
+        dict(image_prob=0.15),
+        20000, 3e-4,
+    ),
+    "quick": (
+        dict(base_width=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2),
+        dict(frames=9, pixels=48 * 48, batch_size=4, max_batch_size=16, num_train=4096, num_eval=32),
+        dict(image_prob=0.15, max_objects=2),
+        1500, 1e-3,
+    ),
+    "micro": (
+        dict(base_width=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, decoder_res_blocks=1,
+             mid_attention=False, conv_impl="xla"),
+        dict(frames=5, pixels=32 * 32, batch_size=8, max_batch_size=8, num_train=256, num_eval=8, text_len=16),
+        dict(aspect_ratios=["1:1"], image_prob=0.0, max_objects=1),
+        30, 3e-3,
+    ),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, _, rest = (arg or "quick").partition(",")
+    if "=" in variant or variant in ("runlocal", "gan"):  # only options given
+        variant, rest = "quick", arg
+    if variant == "runlocal":
+        variant = "micro"
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/vae.py: unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+    args = config_lib.parse_arg(rest, steps=0, runlocal=False, gan=False)
+    model_over, data_over, toy_over, steps, lr = VARIANTS[variant]
+
+    config = config_lib.base_config()
+    config.stage = "vae"
+    config.variant = variant
+
+    data = default_data_config()
+    data.update(data_over)
+    data.toy.update(toy_over)
+    data.toy.max_frames = data.frames
+    data.toy.pixel_budget = data.pixels
+    data.toy.size_multiple = data.multiple
+    config.data = data
+
+    config.model = ml_collections.ConfigDict(dict(
+        base_width=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2, latent_channels=16,
+        temporal_compression=4, mid_attention=True, conv_impl="taps"))
+    config.model.update(model_over)
+
+    config.vae = vae_defaults()
+    if args.gan:
+        config.vae.gan_weight = 0.1
+
+    config.optim.lr = lr
+    config.optim.warmup_steps = 2 if variant == "micro" else 100
+    config.optim.ema_decay = 0.0 if variant != "small" else 0.999
+    config.train.steps = args.steps or steps
+    config.train.log_every = 1 if variant == "micro" else 20
+    config.train.eval_every = config.train.steps if variant == "micro" else max(100, config.train.steps // 5)
+    config.train.checkpoint_every = config.train.eval_every
+    config.train.num_eval_batches = 1 if variant == "micro" else 4
+    if variant == "micro":
+        config.train.progress = False
+        config.train.async_checkpoints = False
+        config.vae.stats_batches = 2
+        config.vae.num_recon_videos = 1
+    if args.runlocal:
+        config.train.steps = 6
+        config.train.eval_every = config.train.checkpoint_every = 3
+        config.train.num_eval_batches = 1
+        config.vae.stats_batches = 1
+    return config

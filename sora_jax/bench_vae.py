@@ -1,0 +1,87 @@
+"""VAE benchmark at "vae-small": `python -m sora_jax.bench vae [--runs=N] [--peer] [--impl=taps|xla]`.
+
+Times encode (posterior mean) and decode of one 17x64x64 clip (batch 1) with the
+bench architecture (configs/vae.py:small, the same 10.1M parameters as the peer),
+after compiling. With --peer, runs diffusers' Wan 2.1 VAE at the same configuration
+(../shared/bench/run_peer.sh vae) in a subprocess right after, and adds the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import time
+
+PEER_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "run_peer.sh")
+
+
+def _median_time(fn, runs):
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_peer(runs: int) -> dict:
+    script = os.environ.get("SORA_PEER_SCRIPT", os.path.abspath(PEER_SCRIPT))
+    if not os.path.exists(script):
+        script = "/work/shared/bench/run_peer.sh"
+    out = subprocess.run(["bash", script, "vae", str(runs)], capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"peer benchmark failed ({script}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(args: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="python -m sora_jax.bench vae")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--peer", action="store_true")
+    p.add_argument("--impl", default="taps", choices=["taps", "xla"])
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--size", type=int, default=64)
+    opts = p.parse_args(args)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from sora_jax.models import vae as vae_lib
+
+    cfg = vae_lib.vae_config(dict(base_width=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2,
+                                  latent_channels=16, temporal_compression=4, mid_attention=True, conv_impl=opts.impl))
+    with nnx.use_eager_sharding(False):
+        model = vae_lib.CausalVAE(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda s, v: nnx.merge(graphdef, s).encode(v)[0])
+    decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+    t, hw = opts.frames, opts.size
+    video = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, t, hw, hw, 3)), jnp.float32)
+    t0 = time.perf_counter()
+    z = jax.block_until_ready(encode(state, video))
+    jax.block_until_ready(decode(state, z))
+    compile_s = time.perf_counter() - t0
+    enc_s = _median_time(lambda: jax.block_until_ready(encode(state, video)), opts.runs)
+    dec_s = _median_time(lambda: jax.block_until_ready(decode(state, z)), opts.runs)
+    flops = vae_lib.vae_forward_flops(cfg, t, hw, hw)
+    out = {
+        "config": "vae-small", "conv_impl": opts.impl, "input_shape": [1, t, hw, hw, 3], "latent_shape": list(z.shape),
+        "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+        "encode_frames_per_s": t / enc_s, "decode_frames_per_s": t / dec_s,
+        "encode_gflops_per_s": flops["encode"] / enc_s / 1e9, "decode_gflops_per_s": flops["decode"] / dec_s / 1e9,
+        "compile_s": compile_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "runs": opts.runs, "load_avg_1m": os.getloadavg()[0],
+    }
+    if opts.peer:
+        peer = run_peer(opts.runs)
+        out["peer"] = peer
+        out["encode_ratio_vs_peer"] = out["encode_frames_per_s"] / peer["encode_frames_per_s"]
+        out["decode_ratio_vs_peer"] = out["decode_frames_per_s"] / peer["decode_frames_per_s"]
+        out["load_avg_1m_after_peer"] = os.getloadavg()[0]
+    return out
