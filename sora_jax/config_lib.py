@@ -18,6 +18,9 @@ so one training loop reads every config:
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from sora_jax import sharding
@@ -36,6 +39,20 @@ def parse_arg(arg: str | None, **defaults):
         kind = type(defaults[key])
         out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
     return out
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads "configs/X.py:ARG" the way --config does (file path, then get_config(ARG))."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found (from {spec!r})")
+    name = "_sora_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config(arg)")
+    return module.get_config(arg or None)
 
 
 def base_config() -> ml_collections.ConfigDict:
