@@ -156,6 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train_flops_per_example=flops_per_example,
         train_flops_per_step=flops_per_example * _examples_per_row(config) * config.data.batch_size,
         tokens_per_step=config.data.batch_size * config.data.row_len,
+        scan_layers=bool(config.model.scan_layers),
     ))
     return config
 

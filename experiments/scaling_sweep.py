@@ -96,12 +96,15 @@ def run_sweep(
     overrides: Sequence[str] = (),
     log: Callable[[str], None] = print,
     run: bool = True,
+    xla_check: bool = False,
 ) -> list[dict]:
     """Runs the pending points of `spec` in order (if `run`), then collects every finished one.
 
     `command_fn(arg, workdir)` gives the training command of a point (default:
     `python -m sora_jax.main` with configs/scaling.py); `plan_fn(arg)` what the
     rule planned for it (default: scaling.plan_from_config). Tests inject both.
+    `xla_check`: compile each point's forward (layers unrolled) once and record
+    XLA's FLOPs over the analytic count (scaling.xla_check).
     """
     command_fn = command_fn or (lambda arg, wd: train_command(arg, wd, overrides))
     plan_fn = plan_fn or scaling.plan_from_config
@@ -112,16 +115,27 @@ def run_sweep(
         plan = plan_fn(arg)
         if scaling.is_done(workdir):
             log(f"[sweep] {arg}: done, skipped")
-            rows.append(scaling.summarize_point(arg, workdir, plan))
-            continue
-        if not run:
+        elif not run:
             log(f"[sweep] {arg}: not finished ({workdir})")
             continue
-        rows.append(run_point(arg, workdir, command_fn(arg, workdir), plan, log))
+        else:
+            run_point(arg, workdir, command_fn(arg, workdir), plan, log)
+        if xla_check:
+            config = load_config(arg)
+            ratio = scaling.xla_check(workdir, config.model, config.flops.latent_thw)
+            log(f"[sweep] {arg}: XLA / analytic forward FLOPs = {ratio:.4f} (layers unrolled)")
+        rows.append(scaling.summarize_point(arg, workdir, plan))
     if rows:
         json_path, csv_path = scaling.write_results(rows, root, sweep=spec)
         log(f"[sweep] {len(rows)}/{len(points)} points finished; results: {json_path}, {csv_path}")
     return rows
+
+
+def load_config(arg: str):
+    spec = importlib.util.spec_from_file_location("_sora_configs_scaling", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 # --- pod launches --------------------------------------------------------------------
@@ -155,15 +169,17 @@ def pod_commands(spec: str, root: str, mode: str, overrides: Sequence[str] = (),
         command[0] = "python"
         config_arg = f"configs/scaling.py:{arg}"
         command[3] = f"--config={config_arg}"
-        fn = None
-        if launcher is not None:
-            fn = getattr(launcher, "launch" if launch else "dry_run", None)
+        fn = getattr(launcher, "launch" if launch else "dry_run", None) if launcher is not None else None
         if fn is not None:
-            out = fn(config=config_arg, workdir=workdir, extra_args=list(overrides))
+            try:
+                out = fn(config=config_arg, workdir=workdir, extra_args=list(overrides))
+            except TypeError as err:  # the launcher's signature differs from the one assumed here
+                raise SystemExit(f"experiments/launch_{mode}.py: {fn.__name__}(config=, workdir=, extra_args=) "
+                                 f"failed ({err}); use --mode=print for the plain commands") from None
             lines.append(out if isinstance(out, str) else shlex.join(out) if isinstance(out, list) else str(out))
+        elif launch:
+            raise SystemExit(f"--launch: experiments/launch_{mode}.py with a launch() function is not available")
         else:
-            if launch:
-                raise SystemExit(f"--launch: experiments/launch_{mode}.py with a launch() function is not available")
             lines.append(shlex.join(command))
     return lines
 
@@ -174,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root", required=True, help="directory holding one workdir per point and the results")
     parser.add_argument("--mode", default="local", choices=("local", "print", "tpu", "slurm", "collect"),
                         help="local: train here; print/tpu/slurm: print the commands; collect: results only")
+    parser.add_argument("--xla_check", action="store_true",
+                        help="record XLA cost-analysis FLOPs of each point's forward vs the analytic count")
     parser.add_argument("--launch", action="store_true", help="tpu/slurm: launch instead of printing")
     parser.add_argument("--override", action="append", default=[],
                         help="extra flag for every point, e.g. --override=--config.data.latents_dir=/x (repeatable)")
@@ -183,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(line)
         return
     try:
-        run_sweep(args.sweep, args.root, overrides=args.override, run=args.mode == "local")
+        run_sweep(args.sweep, args.root, overrides=args.override, run=args.mode == "local", xla_check=args.xla_check)
     except SweepError as err:
         raise SystemExit(f"[sweep] {err}") from None
 

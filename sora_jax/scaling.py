@@ -176,7 +176,7 @@ DONE_MARKER = "scaling_done.json"
 CSV_COLUMNS = (
     "point", "arg", "multiple", "size_shift", "data_frac", "depth", "width", "heads", "params", "dit_params",
     "steps", "tokens", "flops", "flops_xla", "device_seconds", "wall_seconds", "num_devices",
-    "final_eval_loss", "eval_ema_loss",
+    "final_eval_loss", "eval_ema_loss", "xla_over_analytic",
 )
 
 
@@ -273,9 +273,16 @@ def read_results(path: str) -> list[dict]:
 #                   train steps; wall_seconds (the runner's clock around each launch)
 #                   adds start-up, compile, eval and checkpoint time
 #   flops_xla       steps x XLA cost_analysis FLOPs of the compiled step (per device, as
-#                   printed by the loop's preflight) x devices: the cross-check
+#                   printed by the loop's preflight) x devices: the cross-check. XLA counts
+#                   the body of a lax.scan once, not once per layer, so with
+#                   model.scan_layers=True (the default) that number is left out
+#                   (flops_xla_scanned keeps it) and the independent check below is used
+#   xla_over_analytic  XLA cost_analysis of one example's forward with the layers
+#                   unrolled, over the analytic forward FLOPs (xla_check, written by
+#                   the runner's --xla_check into scaling_xla_check.json)
 
 WALL_FILE = "scaling_wall.json"
+XLA_CHECK_FILE = "scaling_xla_check.json"
 TRAIN_LOG = "scaling_train.log"  # the runner's capture of the loop's stdout/stderr
 _PER_T = re.compile(r"^(?:loss[/_@]?)?t=?([0-9]*\.?[0-9]+)$")
 _PREFLIGHT_DEVICES = re.compile(r"\[preflight\] stage=\S+ devices=(\d+)")
@@ -421,18 +428,43 @@ def summarize_point(arg: str, workdir: str, plan: Mapping[str, Any]) -> dict:
         with open(os.path.join(workdir, WALL_FILE)) as f:
             wall = float(json.load(f)["wall_seconds"])
     xla = facts.get("xla_flops_per_step_per_device")
+    xla_total = steps * xla * num_devices if xla else None
+    scanned = bool(plan.get("scan_layers", True))
+    check = None
+    if os.path.exists(os.path.join(workdir, XLA_CHECK_FILE)):
+        with open(os.path.join(workdir, XLA_CHECK_FILE)) as f:
+            check = json.load(f)["xla_over_analytic"]
     plan_keys = ("multiple", "size_shift", "data_frac", "depth", "width", "heads", "mlp_dim", "params", "dit_params")
     return dict(
         point=point_name(arg), arg=arg, **{k: plan[k] for k in plan_keys if k in plan},
         steps=steps, planned_steps=int(plan["steps"]), tokens=tokens if tokens else None,
         flops=steps * flops_per_step, flops_per_step=flops_per_step,
         flops_per_step_plan=float(plan["train_flops_per_step"]),
-        flops_xla=steps * xla * num_devices if xla else None,
+        flops_xla=None if scanned else xla_total, flops_xla_scanned=xla_total if scanned else None,
+        xla_over_analytic=check,
         device_seconds=seconds * num_devices if windows else None, num_devices=num_devices,
         wall_seconds=wall, final_eval_step=final["step"], final_eval_loss=final["eval_loss"],
         **{k: v for k, v in final.items() if k.startswith("eval_") and k != "eval_loss"},
         eval_history=history,
     )
+
+
+def xla_check(workdir: str, model_cfg, latent_thw) -> float:
+    """XLA's FLOPs of one example's forward, layers unrolled, over the analytic count (cached)."""
+    path = os.path.join(workdir, XLA_CHECK_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return float(json.load(f)["xla_over_analytic"])
+    from sora_jax import flops
+
+    model_cfg = model_cfg.copy_and_resolve_references()
+    model_cfg.scan_layers = False  # XLA's cost analysis counts a scanned body once
+    analytic = float(flops.dit_flops(model_cfg, tuple(latent_thw))["forward_flops"])
+    xla = flops.xla_dit_forward_flops(model_cfg, tuple(latent_thw))
+    with open(path, "w") as f:
+        json.dump(dict(latent_thw=list(latent_thw), analytic_forward=analytic, xla_forward=xla,
+                       xla_over_analytic=xla / analytic), f, indent=1)
+    return xla / analytic
 
 
 def plan_from_config(arg: str, config_file: str | None = None) -> dict:

@@ -48,11 +48,12 @@ def test_micro_sweep_through_the_real_loop(tmp_path, monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device per run, not the 8 fake ones of conftest
     root = str(tmp_path / "sweep")
     spec = f"base|4x|16x,preset=micro,latents={latents}"
-    rows = scaling_sweep.run_sweep(spec, root)
+    rows = scaling_sweep.run_sweep(spec, root, xla_check=True)
     assert [r["multiple"] for r in rows] == [1.0, 4.0, 16.0]
     for row in rows:
         assert row["steps"] == row["planned_steps"] and row["num_devices"] == 1
-        assert row["flops_xla"] and row["device_seconds"] > 0 and row["tokens"] > 0
+        assert row["flops_xla_scanned"] and row["device_seconds"] > 0 and row["tokens"] > 0
+        assert row["xla_over_analytic"] == pytest.approx(1.0, abs=0.1)  # XLA vs sora_jax.flops, unrolled forward
         assert np.isfinite(row["final_eval_loss"]) and "eval_loss_t0.1" in row
     flops = [r["flops"] for r in rows]
     assert flops[1] / flops[0] == pytest.approx(4.0, rel=0.25)  # the loop's first batch, vs the planned mean
