@@ -4,9 +4,12 @@
   python experiments/scaling_sweep.py --sweep="base|4x|16x,preset=cpu" --root=/tmp/sweep_cpu
   # an isoFLOP sweep: three sizes at 16x compute
   python experiments/scaling_sweep.py --sweep="16x,size_shift=-1|0|1,preset=cpu" --root=/tmp/iso16
-  # the pod commands (TPU / Slurm launchers when present, else the plain commands)
-  python experiments/scaling_sweep.py --sweep="base|4x|16x|32x,preset=pod" --root=gs://B/sweep --mode=tpu
-  # results only (e.g. after pod runs wrote their workdirs)
+  # a TPU pod slice per point through experiments/launch_tpu.py (dry run; --launch to run)
+  python experiments/scaling_sweep.py --sweep="base|4x|16x|32x,preset=pod,latents=gs://B/lat" --root=gs://B/sweep \
+      --mode=tpu --launcher_args="--zone=Z --accelerator=v5p-64 --version=V --repo=GIT_URL"
+  # one sbatch job per point through experiments/launch_slurm.py; --mode=print: plain commands
+  python experiments/scaling_sweep.py --sweep=... --root=/shared/sweep --mode=slurm --launcher_args="--nodes=4"
+  # results only (after the pods wrote their workdirs; copy a gs:// root locally first)
   python experiments/scaling_sweep.py --sweep=... --root=... --mode=collect
 
 A sweep spec is a configs/scaling.py argument in which any item may list
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -142,46 +146,47 @@ def load_config(arg: str):
 
 
 def _load_launcher(name: str):
-    """experiments/launch_tpu.py or launch_slurm.py (written by the loop contributor), if present."""
+    """experiments/launch_tpu.py or launch_slurm.py (their main(argv) takes --dry_run)."""
     path = os.path.join(REPO, "experiments", f"{name}.py")
     if not os.path.exists(path):
-        return None
+        raise SystemExit(f"{path} not found; use --mode=print for the plain commands")
     spec = importlib.util.spec_from_file_location(f"_sora_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def pod_commands(spec: str, root: str, mode: str, overrides: Sequence[str] = (), launch: bool = False) -> list[str]:
-    """One launch per point: through the launcher's dry-run (or launch) function when it exists.
-
-    Finished points are left out, as in a local run. Without a launcher module
-    the plain `python -m sora_jax.main` command of each point is returned, to be
-    run on every host of the pod (the loop initialises jax.distributed itself).
-    """
-    launcher = _load_launcher({"tpu": "launch_tpu", "slurm": "launch_slurm"}[mode]) if mode in ("tpu", "slurm") else None
-    lines = []
+def pending_points(spec: str, root: str) -> list[tuple[str, str]]:
+    """(arg, workdir) of the points without a done marker (remote roots: all points)."""
+    out = []
     for arg in scaling.expand_sweep(spec):
-        workdir = os.path.join(root, scaling.point_name(arg))
-        if not root.startswith("gs://") and scaling.is_done(workdir):
-            continue
-        command = train_command(arg, workdir, overrides)
-        command[0] = "python"
-        config_arg = f"configs/scaling.py:{arg}"
-        command[3] = f"--config={config_arg}"
-        fn = getattr(launcher, "launch" if launch else "dry_run", None) if launcher is not None else None
-        if fn is not None:
-            try:
-                out = fn(config=config_arg, workdir=workdir, extra_args=list(overrides))
-            except TypeError as err:  # the launcher's signature differs from the one assumed here
-                raise SystemExit(f"experiments/launch_{mode}.py: {fn.__name__}(config=, workdir=, extra_args=) "
-                                 f"failed ({err}); use --mode=print for the plain commands") from None
-            lines.append(out if isinstance(out, str) else shlex.join(out) if isinstance(out, list) else str(out))
-        elif launch:
-            raise SystemExit(f"--launch: experiments/launch_{mode}.py with a launch() function is not available")
-        else:
-            lines.append(shlex.join(command))
-    return lines
+        workdir = f"{root.rstrip('/')}/{scaling.point_name(arg)}"
+        if "://" in root or not scaling.is_done(workdir):
+            out.append((arg, workdir))
+    return out
+
+
+def plain_commands(spec: str, root: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The `python -m sora_jax.main` command of each pending point, repo-relative, for any cluster."""
+    return [shlex.join(["python", "-m", "sora_jax.main", f"--config=configs/scaling.py:{arg}", f"--workdir={workdir}",
+                        *overrides]) for arg, workdir in pending_points(spec, root)]
+
+
+def launch_points(spec: str, root: str, mode: str, overrides: Sequence[str] = (), launcher_args: str = "",
+                  dry_run: bool = True, name_prefix: str = "sora-scaling") -> int:
+    """One launcher call per pending point: experiments/launch_tpu.py (a pod slice per point,
+    named PREFIX-POINT unless --name is in launcher_args) or launch_slurm.py (one sbatch job
+    per point). dry_run prints what the launcher would run. Returns the first non-zero status."""
+    launcher = _load_launcher({"tpu": "launch_tpu", "slurm": "launch_slurm"}[mode])
+    for arg, workdir in pending_points(spec, root):
+        name = re.sub(r"[^a-z0-9-]", "-", f"{name_prefix}-{scaling.point_name(arg)}".lower())[:60].strip("-")
+        argv = [f"--name={name}", f"--config=configs/scaling.py:{arg}", f"--workdir={workdir}",
+                f"--overrides={shlex.join(overrides)}", *shlex.split(launcher_args)]
+        print(f"# point {arg}", flush=True)
+        rc = launcher.main(argv + (["--dry_run"] if dry_run else []))
+        if rc:
+            return rc
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -192,14 +197,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="local: train here; print/tpu/slurm: print the commands; collect: results only")
     parser.add_argument("--xla_check", action="store_true",
                         help="record XLA cost-analysis FLOPs of each point's forward vs the analytic count")
-    parser.add_argument("--launch", action="store_true", help="tpu/slurm: launch instead of printing")
+    parser.add_argument("--launch", action="store_true", help="tpu/slurm: launch instead of printing (dry run)")
+    parser.add_argument("--launcher_args", default="",
+                        help="tpu: e.g. '--zone=us-east5-a --accelerator=v5p-64 --version=v2-alpha-tpuv5'; "
+                             "slurm: e.g. '--nodes=4 --gpus_per_node=8 --partition=P'")
     parser.add_argument("--override", action="append", default=[],
                         help="extra flag for every point, e.g. --override=--config.data.latents_dir=/x (repeatable)")
     args = parser.parse_args(argv)
-    if args.mode in ("print", "tpu", "slurm"):
-        for line in pod_commands(args.sweep, args.root, args.mode if args.mode != "print" else "", args.override, args.launch):
-            print(line)
+    if args.mode == "print":
+        print("\n".join(plain_commands(args.sweep, args.root, args.override)))
         return
+    if args.mode in ("tpu", "slurm"):
+        sys.exit(launch_points(args.sweep, args.root, args.mode, args.override, args.launcher_args,
+                               dry_run=not args.launch))
     try:
         run_sweep(args.sweep, args.root, overrides=args.override, run=args.mode == "local", xla_check=args.xla_check)
     except SweepError as err:

@@ -150,6 +150,22 @@ def test_print_mode_lists_one_loop_command_per_pending_point(tmp_path):
         assert "--config.seed=1" in line and "--workdir=" in line
 
 
+def test_tpu_and_slurm_modes_go_through_the_launchers_dry_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        scaling_sweep.main(["--sweep=base|4x,preset=micro", "--root=gs://bucket/sweep", "--mode=tpu",
+                            "--launcher_args=--zone=z --accelerator=v5p-8 --version=v --repo=https://x/sora_jax"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("tpu-vm create sora-scaling-") == 2
+    assert "--config=configs/scaling.py:4x,preset=micro --workdir=gs://bucket/sweep/4x_presetmicro" in out
+    with pytest.raises(SystemExit):
+        scaling_sweep.main(["--sweep=16x,preset=micro", f"--root={tmp_path}", "--mode=slurm",
+                            "--launcher_args=--nodes=2", "--override=--config.seed=3"])
+    out = capsys.readouterr().out
+    assert "srun" in out and f"--workdir={tmp_path}/16x_presetmicro --config.seed=3" in out
+    assert not os.path.exists(tmp_path / "16x_presetmicro")  # a dry run writes nothing
+
+
 def test_accounting_drops_superseded_lines_and_reads_preflight(tmp_path):
     workdir = tmp_path / "w"
     workdir.mkdir()
