@@ -70,12 +70,36 @@ class Stage(abc.ABC):
         return 0.0
 
     def trainable_filter(self) -> Any:
-        """nnx filter of the parameters the optimizer updates (default: all nnx.Param)."""
+        """nnx filter of the parameters the optimizer updates (default: all nnx.Param).
+
+        Variables outside the filter (frozen encoders, buffers) are kept in the
+        train state's `frozen` entry: checkpointed and sharded, never updated.
+        """
         return nnx.Param
+
+    def weight_decay_mask(self, params: Any) -> Any:
+        """Pytree of bools like `params`: True where AdamW applies weight decay.
+
+        Default: matrices only; nothing whose path names a norm, bias or embedding
+        (sora_jax.train.optim.default_decay_mask).
+        """
+        from sora_jax.train import optim
+
+        return optim.default_decay_mask(params)
 
     # --- side outputs --------------------------------------------------------
     def on_eval(self, model: nnx.Module, workdir: str, step: int, writer: Any) -> None:
-        """Host-side: write samples or reconstructions for a human (process 0 only)."""
+        """Host-side: write samples or reconstructions for a human (process 0 only).
+
+        Called every config.train.sample_every steps and after the last step, with
+        the EMA parameters when the run keeps them. `writer` is the loop's
+        sora_jax.train.metrics.MetricsWriter: `writer.write(step, {name: scalar})`,
+        `writer.add_video(tag, video_NTHWC, step)`, `writer.log(text)`.
+        """
 
     def on_finish(self, model: nnx.Module, workdir: str) -> None:
-        """Host-side, after the last step: e.g. the VAE writes its latent statistics."""
+        """Host-side, after the last step: e.g. the VAE writes its latent statistics.
+
+        Called on every process (so it may run sharded computations); write files
+        from process 0 only (`jax.process_index() == 0`).
+        """
