@@ -15,6 +15,8 @@ and scaling_fit.json with the fitted parameters, exponent intervals and minima.
 With --grid, samples_grid.{mp4,gif,png}: the final samples of every point (same
 prompts and seeds, written by the DiT stage at the end of training and decoded
 with the sweep's VAE) side by side, ordered by compute: the report's figure.
+With --render_prompts="p1|p2" --render_seeds=0,1, those prompts and seeds are first
+rendered with every point's checkpoint by `python -m sora_jax.sample` and gridded.
 """
 
 from __future__ import annotations
@@ -222,24 +224,80 @@ def _label(text: str, width: int, height: int = 14) -> np.ndarray:
     return np.asarray(image)
 
 
-def sample_grid(rows: Sequence[Mapping], root: str, out_dir: str, fps: float = 8.0) -> list[str]:
+RENDER_KEYS = ("prompt", "seed", "mode", "steps", "guidance", "sampler", "shift", "size", "frames")
+
+
+def render_samples(rows: Sequence[Mapping], root: str, prompts: Sequence[str], seeds: Sequence[int] = (0,),
+                   sample_args: Sequence[str] = (), out_name: str = "grid_samples", command=None) -> None:
+    """Renders prompts x seeds with every point's final checkpoint through the sampling CLI,
+    `python -m sora_jax.sample --workdir=POINT --prompts=JOBS --out=POINT/out_name` (issue 6).
+    Points whose outputs already exist for these jobs are skipped (resumable)."""
+    import subprocess
+
+    jobs = [dict(mode="t2v", prompt=p, seed=int(seed), name=f"p{i}_seed{seed}")
+            for i, p in enumerate(prompts) for seed in seeds]
+    for row in rows:
+        workdir = os.path.join(root, row["point"])
+        out = os.path.join(workdir, out_name)
+        if all(os.path.exists(os.path.join(out, j["name"] + ".gif")) for j in jobs) and _same_jobs(out, jobs):
+            continue
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "jobs.jsonl"), "w") as f:
+            f.write("".join(json.dumps(j) + "\n" for j in jobs))
+        cmd = (command or [sys.executable, "-m", "sora_jax.sample"]) + [
+            f"--workdir={workdir}", f"--prompts={os.path.join(out, 'jobs.jsonl')}", f"--out={out}", *sample_args]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"sampling {row['point']} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+
+
+def _same_jobs(out: str, jobs: Sequence[Mapping]) -> bool:
+    try:
+        with open(os.path.join(out, "jobs.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()] == list(jobs)
+    except OSError:
+        return False
+
+
+def rendered_samples(workdir: str, out_name: str = "grid_samples") -> tuple[dict, list[np.ndarray]]:
+    """The videos render_samples wrote for one point, with the settings each was sampled with."""
+    from sora_jax.data import video_io
+
+    out = os.path.join(workdir, out_name)
+    with open(os.path.join(out, "jobs.jsonl")) as f:
+        jobs = [json.loads(line) for line in f if line.strip()]
+    settings, videos = [], []
+    for job in jobs:
+        with open(os.path.join(out, job["name"] + ".json")) as f:
+            meta = json.load(f)
+        settings.append({k: meta.get(k) for k in RENDER_KEYS})
+        videos.append(video_io.read_video(os.path.join(out, job["name"] + ".gif"))[0])
+    return dict(jobs=settings, prompts=[j["prompt"] for j in jobs]), videos
+
+
+def sample_grid(rows: Sequence[Mapping], root: str, out_dir: str, fps: float = 8.0, source: str = "final") -> list[str]:
     """One video: a column per sweep point (by compute), a row per prompt, same prompts and seeds.
 
-    Every point must have sampled with the same settings (config.samples is shared by
-    configs/scaling.py); a mismatch is an error rather than a misleading figure.
+    source "final": the samples the DiT stage wrote after each point's last step (config.samples,
+    shared by configs/scaling.py); "rendered": those of render_samples. Every point must have
+    sampled with the same settings; a mismatch is an error rather than a misleading figure.
     """
     from sora_jax.data import video_io
 
+    if source not in ("final", "rendered"):
+        raise ValueError(f"sample_grid: source must be 'final' or 'rendered', got {source!r}")
+    read = final_samples if source == "final" else rendered_samples
     ordered = sorted(rows, key=lambda r: r["flops"])
     metas, columns = [], []
     for row in ordered:
-        meta, videos = final_samples(os.path.join(root, row["point"]))
+        meta, videos = read(os.path.join(root, row["point"]))
         metas.append(meta)
         columns.append(videos)
-    reference = {k: metas[0].get(k) for k in SAMPLE_KEYS}
+    keys = SAMPLE_KEYS if source == "final" else ("jobs", "prompts")
+    reference = {k: metas[0].get(k) for k in keys}
     for row, meta in zip(ordered, metas):
-        if {k: meta.get(k) for k in SAMPLE_KEYS} != reference:
-            raise ValueError(f"point {row['point']} sampled with {({k: meta.get(k) for k in SAMPLE_KEYS})}, "
+        if {k: meta.get(k) for k in keys} != reference:
+            raise ValueError(f"point {row['point']} sampled with {({k: meta.get(k) for k in keys})}, "
                              f"not {reference}: the grid needs the same prompts and seeds everywhere")
     all_videos = [v for col in columns for v in col]
     t = max(v.shape[0] for v in all_videos)
@@ -277,12 +335,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", action="store_true",
                         help="also write samples_grid.{mp4,gif,png}: every point's final samples side by side")
+    parser.add_argument("--render_prompts", default="",
+                        help="'|'-separated prompts: render them with every point (python -m sora_jax.sample) "
+                             "and grid those instead of the stage's own final samples")
+    parser.add_argument("--render_seeds", default="0", help="comma-separated seeds for --render_prompts")
+    parser.add_argument("--sample_args", default="", help="extra sampler flags, e.g. '--steps=32 --guidance=3'")
     args = parser.parse_args(argv)
     rows = scaling.read_results(args.results)
     results_dir = args.results if os.path.isdir(args.results) else os.path.dirname(os.path.abspath(args.results))
     out = args.out or os.path.join(results_dir, "plots")
     written = write_all(rows, out, num_bootstrap=args.bootstrap, seed=args.seed)
-    if args.grid:
+    if args.render_prompts:
+        import shlex
+
+        render_samples(rows, results_dir, [p.strip() for p in args.render_prompts.split("|") if p.strip()],
+                       [int(x) for x in args.render_seeds.split(",") if x.strip()], shlex.split(args.sample_args))
+        written["samples_grid"] = sample_grid(rows, results_dir, out, source="rendered")
+    elif args.grid:
         written["samples_grid"] = sample_grid(rows, results_dir, out)
     for name, paths in written.items():
         print(f"{name}: {', '.join(paths)}")

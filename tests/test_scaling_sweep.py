@@ -235,3 +235,51 @@ def test_sample_grid_tiles_points_by_compute_and_refuses_mismatched_seeds(tmp_pa
     os.remove(tmp_path / "small" / "samples" / "step_0000010" / "sample_1.gif")
     with pytest.raises(FileNotFoundError, match="latents only"):
         plot_scaling.sample_grid(rows, str(tmp_path), str(tmp_path / "plots"))
+
+
+FAKE_SAMPLE = textwrap.dedent('''
+    """Fake `python -m sora_jax.sample`: writes NAME.gif and NAME.json per job of --prompts."""
+    import json, os, sys
+    import numpy as np
+    sys.path.insert(0, os.environ["REPO"])
+    from sora_jax.data import video_io
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    with open(os.environ["CALLS"], "a") as f:
+        f.write(args["workdir"] + "\\n")
+    for line in open(args["prompts"]):
+        job = json.loads(line)
+        video = np.full((2, 8, 8, 3), 40 * (1 + job["seed"]), np.uint8)
+        video[1, :2, :2] = 255
+        video_io.write_video(os.path.join(args["out"], job["name"] + ".gif"), video)
+        json.dump(dict(job, steps=int(args.get("steps", 16)), guidance=3.0, sampler="heun"),
+                  open(os.path.join(args["out"], job["name"] + ".json"), "w"))
+''')
+
+
+def test_rendered_grid_uses_the_sampling_cli_once_per_point(tmp_path, monkeypatch):
+    from sora_jax.data import video_io
+
+    script = tmp_path / "fake_sample.py"
+    script.write_text(FAKE_SAMPLE)
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("REPO", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setenv("CALLS", str(calls))
+    rows = [dict(point="a", flops=1.0), dict(point="b", flops=2.0)]
+    for row in rows:
+        (tmp_path / row["point"]).mkdir()
+    command = [sys.executable, str(script)]
+    plot_scaling.render_samples(rows, str(tmp_path), ["x", "y"], [0, 1], ["--steps=8"], command=command)
+    plot_scaling.render_samples(rows, str(tmp_path), ["x", "y"], [0, 1], ["--steps=8"], command=command)  # cached
+    assert len(calls.read_text().splitlines()) == 2
+    paths = plot_scaling.sample_grid(rows, str(tmp_path), str(tmp_path / "plots"), source="rendered")
+    grid, _ = video_io.read_video(paths[1])
+    assert grid.shape[1] == 14 + 4 * (8 + 2) and grid.shape[2] == 2 * (8 + 2)  # 4 jobs x 2 points
+    # A point rendered with other settings is refused.
+    plot_scaling.render_samples(rows[1:], str(tmp_path), ["x", "y"], [0, 1], ["--steps=9"], command=command,
+                                out_name="other")
+    os.replace(tmp_path / "b" / "other", tmp_path / "b" / "grid_samples_new")
+    import shutil
+    shutil.rmtree(tmp_path / "b" / "grid_samples")
+    os.replace(tmp_path / "b" / "grid_samples_new", tmp_path / "b" / "grid_samples")
+    with pytest.raises(ValueError, match="same prompts and seeds"):
+        plot_scaling.sample_grid(rows, str(tmp_path), str(tmp_path / "plots"), source="rendered")
