@@ -262,9 +262,9 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
         return results.get("eval/loss")
 
     def side_outputs(step: int) -> None:
-        if jax.process_index() == 0:
-            params = state["ema"] if "ema" in state else state["params"]
-            stage.on_eval(nnx.merge(setup.graphdef, params, state["frozen"]), workdir, step, writer)
+        # Every process: on a pod the parameters are sharded across hosts (the stage writes on process 0).
+        params = state["ema"] if "ema" in state else state["params"]
+        stage.on_eval(nnx.merge(setup.graphdef, params, state["frozen"]), workdir, step, writer)
 
     status = "done"
     step = start_step

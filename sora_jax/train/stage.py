@@ -89,10 +89,13 @@ class Stage(abc.ABC):
 
     # --- side outputs --------------------------------------------------------
     def on_eval(self, model: nnx.Module, workdir: str, step: int, writer: Any) -> None:
-        """Host-side: write samples or reconstructions for a human (process 0 only).
+        """Host-side: write samples or reconstructions for a human.
 
         Called every config.train.sample_every steps and after the last step, with
-        the EMA parameters when the run keeps them. `writer` is the loop's
+        the EMA parameters when the run keeps them. Called on every process,
+        because on a pod the model's parameters are sharded across hosts and
+        running it takes all of them; write files from process 0 only
+        (`jax.process_index() == 0`); the writer is silent on other processes. `writer` is the loop's
         sora_jax.train.metrics.MetricsWriter: `writer.write(step, {name: scalar})`,
         `writer.add_video(tag, video_NTHWC, step)`, `writer.log(text)`.
         """
