@@ -72,3 +72,21 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     assert "Resumed from checkpoint 2" in out
     assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
     assert result.step == 6 and 4 in result.checkpoint_steps  # step 4 was retrained and saved again
+
+
+def test_keeps_last_k_plus_best_by_eval_loss(tmp_path):
+    config = helpers_stage.get_config("")
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=1, keep_best=1)
+    for step, eval_loss in [(1, 0.5), (2, 0.1), (3, 0.9), (4, 0.8), (5, None)]:
+        ckpt.save(step, {"w": np.full((2,), step, np.float32)}, None, config, eval_loss)
+        ckpt.wait()
+    assert ckpt.all_steps() == [2, 5]
+    assert ckpt.best_step() == 2
+    ckpt.close()
+    # The eval losses are on disk: a new manager (a restarted run) still knows the best.
+    again = ckpt_lib.Checkpointer(str(tmp_path), keep=1, keep_best=1)
+    assert again.best_step() == 2
+    again.save(6, {"w": np.zeros((2,), np.float32)}, None, config, 0.7)
+    again.wait()
+    assert again.all_steps() == [2, 6]
+    again.close()

@@ -62,6 +62,9 @@ class Checkpointer:
             )
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp_policies.AnyPreservationPolicy(policies),
+            # best_fn makes orbax write each checkpoint's metrics to disk, so "best" survives restarts.
+            best_fn=(lambda m: m[BEST_METRIC]) if keep_best else None,
+            best_mode="min",
             enable_async_checkpointing=async_save,
             create=True,
         )
