@@ -124,8 +124,9 @@ def test_flops_match_cost_analysis(model):
         cost = fn.lower(state, arg).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla = float(cost["flops"])
-        # Tolerance 25%: XLA also counts elementwise ops (norms, SiLU, adds), which the analytic count omits.
-        assert flops[name] <= xla * 1.05 and xla <= flops[name] * 1.25, (name, flops[name], xla)
+        # Stated tolerance: within 25% either way. XLA adds elementwise ops (norms, SiLU, adds) that the
+        # analytic count omits, and counts some convolutions below 2*MACs (measured encode: analytic/XLA = 1.19).
+        assert 0.75 * xla <= flops[name] <= 1.25 * xla, (name, flops[name], xla)
 
 
 def test_vae_small_matches_wan_parameter_count():
