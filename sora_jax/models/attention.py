@@ -1,0 +1,145 @@
+"""Attention pieces shared by the DiT and the text encoder: 3D RoPE, QK-norm, masks, one kernel call.
+
+Everything that decides *which* kernel runs lives in `attend`, so a TPU
+splash-attention kernel (which wants segment ids rather than a dense mask) can be
+dropped in there without touching the models. Masks are built once per forward
+pass, outside the layer scan, and shared by every layer.
+
+3D RoPE. head_dim is split among the (t, h, w) axes as in Wan 2.1:
+  h and w get 2 * (head_dim // 6) channels each, t gets the rest
+  (head_dim 64 -> t 24, h 20, w 20; head_dim 72 -> 24, 24, 24).
+Each axis rotates its channels by angles position * theta^(-2i/d_axis). We use
+the "half split" layout (channel i pairs with channel i + d/2 inside each axis
+block), which is cheaper than interleaving and has the same relative property:
+<R(p) q, R(p') k> depends only on p - p'.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+
+from sora_jax import sharding
+
+
+def constrain(x: jax.Array, names) -> jax.Array:
+    """Logical sharding constraint (no-op outside a mesh or without rules).
+
+    Works around sharding.constrain, which calls nnx.with_logical_constraint, absent
+    from flax 0.12.8: we resolve the names with the active rules ourselves.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = flax_spmd.get_logical_axis_rules()
+    if mesh is None or mesh.empty or not rules:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding.logical_to_spec(tuple(names), rules))
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of each head given to the (t, h, w) rotations; each is even."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"3D RoPE needs an even head_dim >= 6, got {head_dim}")
+    hw = 2 * (head_dim // 6)
+    t = head_dim - 2 * hw
+    if t % 2:  # head_dim = 6k + 2m keeps t even; this is a guard for odd leftovers
+        raise ValueError(f"3D RoPE split of head_dim {head_dim} gives an odd t block ({t})")
+    return t, hw, hw
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, L, head_dim // 2] for int positions [B, L, 3] (t, h, w)."""
+    cos, sin = [], []
+    for axis, dim in enumerate(rope_split(head_dim)):
+        inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+        ang = positions[..., axis : axis + 1].astype(jnp.float32) * inv_freq
+        cos.append(jnp.cos(ang))
+        sin.append(jnp.sin(ang))
+    return jnp.concatenate(cos, -1), jnp.concatenate(sin, -1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, head_dim: int) -> jax.Array:
+    """Rotates x [B, L, N, head_dim] by the 3D RoPE tables (computed in fp32, cast back)."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    outs, start, table_start = [], 0, 0
+    # Rotate each axis block with its own half of the table (half-split pairs inside the block).
+    for dim in rope_split(head_dim):
+        half = dim // 2
+        a, b = x[..., start : start + half], x[..., start + half : start + dim]
+        c, s = cos[..., table_start : table_start + half], sin[..., table_start : table_start + half]
+        outs += [a * c - b * s, a * s + b * c]
+        start += dim
+        table_start += half
+    return jnp.concatenate(outs, -1).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned scale; used for QK-norm (per head_dim)."""
+
+    def __init__(self, dim: int, *, names=("kv",), eps: float = 1e-6, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(sharding.partitioned(nnx.initializers.ones, names)(None, (dim,), param_dtype))
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+
+
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
+    """Boolean [B, 1, Lq, Lk]: a query may see a key only with the same segment id."""
+    return (q_segments[:, :, None] == kv_segments[:, None, :])[:, None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The one attention call: q [B,Lq,N,H], k/v [B,Lk,N,H], mask broadcastable to [B,N,Lq,Lk].
+
+    `implementation=None` lets JAX choose cuDNN flash attention on GPU and the XLA
+    path elsewhere. Swap in splash attention for TPU here.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+
+
+# --- the small layers both transformers are built from ------------------------
+
+
+class Dense(nnx.Module):
+    """x[..., in] @ W[in, *out_shape] + b, with logical names on W and b.
+
+    A multi-axis output (e.g. (3, heads, head_dim) for a fused QKV projection)
+    keeps the head axis visible to the sharding rules. Math runs in `dtype`
+    (the compute dtype); the parameters stay in `param_dtype`.
+    """
+
+    def __init__(self, in_features: int, out_shape, names, *, rngs: nnx.Rngs, zero_init: bool = False,
+                 use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
+        out_shape = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (int(out_shape),)
+        if len(names) != 1 + len(out_shape):
+            raise ValueError(f"Dense: names {names} do not match kernel rank {1 + len(out_shape)}")
+        n_out = len(out_shape)
+        init = nnx.initializers.zeros if zero_init else nnx.initializers.xavier_uniform(
+            in_axis=0, out_axis=tuple(range(1, 1 + n_out)))
+        self.kernel = nnx.Param(sharding.partitioned(init, names)(rngs.params(), (in_features, *out_shape), param_dtype))
+        self.bias = (nnx.Param(sharding.partitioned(nnx.initializers.zeros, names[1:])(None, out_shape, param_dtype))
+                     if use_bias else None)
+        self.n_out, self.dtype = n_out, dtype
+
+    def __call__(self, x):
+        w = self.kernel[...].astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without learned affine (adaLN supplies scale and shift), computed in fp32."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + eps)).astype(dtype)

@@ -1,0 +1,196 @@
+"""DiT model tests: RoPE, packing invariance, masks, adaLN-Zero, bf16, scan == unrolled, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sora_jax import sharding
+from sora_jax.models import attention, dit
+from sora_jax.models.patches import grid_positions
+
+
+def tiny_config(**overrides):
+    cfg = dit.dit_config("micro")
+    cfg.latent_channels = 4
+    cfg.text.update(max_len=6, width=32, depth=1, heads=2, mlp_dim=64, vocab_size=64)
+    cfg.update(overrides)
+    return cfg
+
+
+def randomize(model, seed=1, scale=0.2):
+    """Replace the zero-initialised adaLN/final weights so outputs are non-trivial."""
+    leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+
+    @jax.jit
+    def perturb(leaves):
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        return [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]
+
+    nnx.update(model, jax.tree.unflatten(tree, perturb(leaves)))
+    return model
+
+
+def example(grid, seed, cfg, caption_len=4):
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(grid))
+    p = int(np.prod(cfg.patch)) * cfg.latent_channels
+    ids = np.zeros((cfg.text.max_len,), np.int32)
+    ids[:caption_len] = rng.integers(2, cfg.text.vocab_size, caption_len)
+    return dict(x=rng.normal(size=(n, p)).astype(np.float32), t=rng.uniform(size=(n,)).astype(np.float32),
+                pos=grid_positions(grid), ids=ids)
+
+
+def pack(examples, length, slots):
+    """Packs examples into one row of `length` tokens (rest padding), as the data pipeline does."""
+    p = examples[0]["x"].shape[1]
+    x, t = np.zeros((1, length, p), np.float32), np.zeros((1, length), np.float32)
+    pos, seg = np.zeros((1, length, 3), np.int32), np.zeros((1, length), np.int32)
+    ids = np.zeros((1, slots, examples[0]["ids"].shape[0]), np.int32)
+    start = 0
+    for k, e in enumerate(examples):
+        n = e["x"].shape[0]
+        x[0, start:start + n], t[0, start:start + n], pos[0, start:start + n] = e["x"], e["t"], e["pos"]
+        seg[0, start:start + n] = k + 1
+        ids[0, k] = e["ids"]
+        start += n
+    return x, t, pos, seg, ids
+
+
+def test_rope_relative_position():
+    head_dim = 24
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, head_dim)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, head_dim)), jnp.float32)
+
+    def score(pq, pk):
+        cq, sq = attention.rope_angles(jnp.array([[pq]]), head_dim, 100.0)
+        ck, sk = attention.rope_angles(jnp.array([[pk]]), head_dim, 100.0)
+        return float(jnp.sum(attention.apply_rope(q, cq, sq, head_dim) * attention.apply_rope(k, ck, sk, head_dim)))
+
+    base = score((3, 1, 4), (1, 5, 2))
+    assert abs(score((10, 7, 9), (8, 11, 7)) - base) < 1e-4  # same (2, -4, 2) difference
+    assert abs(score((3, 1, 4), (1, 5, 3)) - base) > 1e-3  # a different difference changes it
+    assert attention.rope_split(64) == (24, 20, 20) and attention.rope_split(72) == (24, 24, 24)
+
+
+def test_adaln_zero_output_is_zero_at_init():
+    cfg = tiny_config()
+    model = dit.create_dit(cfg)
+    ex = example((2, 2, 2), 0, cfg)
+    fwd = nnx.jit(lambda m, x, t, p, s, i: m(x, t, p, s, text_ids=i))
+    out = fwd(model, ex["x"][None], ex["t"][None], ex["pos"][None], np.ones((1, 8), np.int32), ex["ids"][None, None])
+    assert out.shape == (1, 8, 16)
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_packing_invariance_and_mask():
+    cfg = tiny_config()
+    model = randomize(dit.create_dit(cfg))
+    exs = [example((2, 2, 3), 0, cfg, 4), example((1, 3, 2), 1, cfg, 0)]  # second: empty (dropped) caption
+    fwd = nnx.jit(lambda m, x, t, p, s, i: m(x, t, p, s, text_ids=i))
+    packed = np.asarray(fwd(model, *pack(exs, 20, 3)))
+    start = 0
+    for e in exs:
+        n = e["x"].shape[0]
+        alone = np.asarray(fwd(model, *pack([e], n, 1)))
+        np.testing.assert_allclose(packed[0, start:start + n], alone[0], atol=2e-5, rtol=1e-4)
+        assert np.all(np.isfinite(alone))
+        start += n
+    # Changing example 2's tokens and caption leaves example 1's outputs unchanged.
+    exs2 = [exs[0], dict(exs[1], x=exs[1]["x"] + 3.0, ids=exs[0]["ids"])]
+    packed2 = np.asarray(fwd(model, *pack(exs2, 20, 3)))
+    np.testing.assert_allclose(packed2[0, :12], packed[0, :12], atol=1e-5)
+    assert not np.allclose(packed2[0, 12:18], packed[0, 12:18], atol=1e-3)
+    # The bucketed shortcut (segment_ids=None, text [B, S]) gives the same answer as slot 1.
+    x, t, p, s, i = pack([exs[0]], 12, 1)
+    short = nnx.jit(lambda m, x, t, p, i: m(x, t, p, None, text_ids=i))(model, x, t, p, i[:, 0])
+    np.testing.assert_allclose(np.asarray(short), packed[:, :12], atol=2e-5, rtol=1e-4)
+
+
+def test_precomputed_text_and_per_example_time():
+    cfg = tiny_config()
+    cfg.text.encoder = "precomputed"
+    cfg.text.emb_dim = 12
+    model = randomize(dit.create_dit(cfg))
+    ex = example((1, 2, 2), 0, cfg)
+    emb = np.random.default_rng(0).normal(size=(1, 1, 6, 12)).astype(np.float32)
+    mask = np.array([[[1, 1, 1, 0, 0, 0]]], bool)
+    seg = np.ones((1, 4), np.int32)
+    t_tok = np.full((1, 4), 0.3, np.float32)
+    a = model(ex["x"][None], t_tok, ex["pos"][None], seg, text_emb=emb, text_mask=mask)
+    b = model(ex["x"][None], np.array([0.3], np.float32), ex["pos"][None], seg, text_emb=emb, text_mask=mask)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    emb2 = emb.copy()
+    emb2[..., 3:, :] = 100.0  # masked text positions do not matter
+    c = model(ex["x"][None], t_tok, ex["pos"][None], seg, text_emb=emb2, text_mask=mask)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
+    empty = model(ex["x"][None], t_tok, ex["pos"][None], seg, text_emb=emb, text_mask=np.zeros_like(mask))
+    assert np.all(np.isfinite(np.asarray(empty)))
+
+
+def test_class_conditional_and_bf16():
+    cfg = tiny_config(num_classes=10, cross_attention=False, compute_dtype="bfloat16")
+    model = randomize(dit.create_dit(cfg))
+    ex = example((1, 2, 2), 0, cfg)
+    out = model(ex["x"][None], np.array([0.5], np.float32), ex["pos"][None], None, class_labels=np.array([3]))
+    assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
+    assert nnx.state(model, nnx.Param)["patch_embed"]["kernel"][...].dtype == jnp.float32
+    out_null = model(ex["x"][None], np.array([0.5], np.float32), ex["pos"][None], None, class_labels=np.array([10]))
+    assert not np.allclose(np.asarray(out, np.float32), np.asarray(out_null, np.float32))
+
+
+def test_scan_equals_unrolled_with_grads():
+    """Scanned blocks under full remat give the loss and gradients of unrolled blocks without remat."""
+    exs = [example((2, 2, 2), 0, tiny_config()), example((1, 2, 2), 1, tiny_config())]
+    batch = pack(exs, 14, 2)
+    results = []
+    for scan, policy in ((True, "full"), (False, "none")):
+        model = randomize(dit.create_dit(tiny_config(scan_layers=scan, remat_policy=policy)))
+
+        def loss(m):
+            return jnp.mean(m(*batch[:4], text_ids=batch[4]) ** 2)
+
+        results.append(nnx.jit(lambda m: nnx.value_and_grad(loss)(m))(model))
+    (l1, g1), (l2, g2) = results
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_sharded_forward_matches_unsharded():
+    cfg = tiny_config()
+    cfg.text.heads = 2
+    exs = [example((2, 2, 2), i, cfg) for i in range(4)]
+    rows = [pack([exs[i]], 8, 1) for i in range(4)]
+    batch = [np.concatenate([r[j] for r in rows]) for j in range(5)]
+    ref_model = randomize(dit.create_dit(cfg))
+    fwd = nnx.jit(lambda m, x, t, p, s, i: m(x, t, p, s, text_ids=i))
+    ref = np.asarray(fwd(ref_model, *batch))
+    params = nnx.state(ref_model)
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = sharding.DEFAULT_RULES
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        model = dit.DiT(cfg, rngs=nnx.Rngs(0))
+        fsdp_kernel = nnx.state(model)["blocks"]["fc1"]["kernel"][...]
+        assert fsdp_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+        shardings = sharding.state_shardings(nnx.state(model), mesh)
+        leaves, tree = jax.tree.flatten(params)
+        placed = [jax.device_put(a, s) for a, s in zip(leaves, jax.tree.leaves(shardings))]
+        nnx.update(model, jax.tree.unflatten(tree, placed))
+        spec = sharding.logical_sharding(mesh, ("activation_batch",), rules)
+        args = [jax.device_put(a, spec) for a in batch]
+        out = fwd(model, *args)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_variants_and_errors():
+    assert dit.decode_variant("XL/2") == dict(width=1152, depth=28, heads=16, mlp_dim=4608, patch=(1, 2, 2))
+    assert dit.decode_variant("S/2.4")["patch"] == (2, 4, 4)
+    assert dit.decode_variant("bench-small")["width"] == 384
+    with pytest.raises(ValueError, match="unknown DiT variant"):
+        dit.decode_variant("Q/2")
+    with pytest.raises(ValueError, match="remat_policy"):
+        dit.create_dit(tiny_config(remat_policy="bogus"))
