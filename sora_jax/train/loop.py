@@ -201,6 +201,8 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
     tokens_so_far = 0.0
     last_metrics: dict = {}
     last_print_step = start_step
+    # Without a progress bar (log files, tests) print a throughput line every 10 logs by default.
+    print_every = int(tcfg.get("print_every", 0) or (10**9 if writer.has_progress_bar else 10 * int(tcfg.log_every)))
 
     def read(pending_item) -> dict:
         step, device_metrics, _ = pending_item
@@ -229,7 +231,7 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
         clock.update(time=time.perf_counter(), step=step, tokens=tokens)
         writer.write(step, {**values, **perf})
         writer.progress(step, values["train/loss"], perf["perf/steps_per_s"])
-        if step - last_print_step >= int(tcfg.get("print_every", 0) or 10**9) or step == total_steps:
+        if step - last_print_step >= print_every or step == total_steps:
             mfu = f", MFU {100 * perf['perf/mfu']:.3g}% of {peak / 1e12:.3g} TFLOP/s ({peak_source})" if "perf/mfu" in perf else ""
             writer.log(f"step {step}: loss {values['train/loss']:.5g}, {perf['perf/steps_per_s']:.3g} steps/s, "
                        f"{perf['perf/tokens_per_s']:.4g} tokens/s, {perf['perf/tflops_per_device']:.4g} TFLOP/s/device{mfu}")

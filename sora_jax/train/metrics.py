@@ -103,8 +103,15 @@ class MetricsWriter:
         if progress:
             from tqdm import tqdm
 
+            # disable=None: no bar when stderr is not a terminal (log files get the printed lines instead).
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            smoothing=0.1, mininterval=1.0)
+                            smoothing=0.1, mininterval=1.0, disable=None)
+            if self.bar.disable:
+                self.bar = None
+
+    @property
+    def has_progress_bar(self) -> bool:
+        return self.bar is not None
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.active:
