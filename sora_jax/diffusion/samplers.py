@@ -5,7 +5,7 @@ the DiT's call signature
 
     model_fn(x [B, L, D], t [B, L], positions [B, L, 3], segment_ids [B, L], **inputs) -> [B, L, D]
 
-where `inputs` holds text_ids [B, 1, S] / text_emb / text_mask / class_labels [B, 1]
+where `inputs` holds text_ids [B, 1, S] / text_emb / text_mask / class_labels [B]
 (one slot: a sampled video is a row with a single example). It integrates
 dx/dt = v from t = 1 (noise) to t = 0 (data) over the shifted time grid that
 training used (rectified_flow.time_shift), in a `lax.fori_loop`, so the whole call
@@ -131,8 +131,8 @@ def sample(
     if class_label is not None:
         if null_class is None:
             raise ValueError("guidance with class labels needs null_class (the model's num_classes)")
-        inputs["class_labels"] = jnp.asarray(class_label, jnp.int32).reshape(1, 1)
-        uncond["class_labels"] = jnp.full((1, 1), null_class, jnp.int32)
+        inputs["class_labels"] = jnp.asarray(class_label, jnp.int32).reshape(1)
+        uncond["class_labels"] = jnp.full((1,), null_class, jnp.int32)
     use_cfg = not (isinstance(guidance, (int, float)) and float(guidance) == 1.0)
     if use_cfg and not inputs:
         raise ValueError("guidance != 1 needs text_ids, text_emb or class_label to guide with")
