@@ -128,7 +128,10 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    return nnx.with_logical_constraint(x, tuple(names))
+    from flax.core import spmd  # the rules set by nnx.logical_axis_rules(...)
+
+    spec = logical_to_spec(tuple(names), spmd.get_logical_axis_rules())
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def partitioned(init_fn, names: Sequence[str | None]):

@@ -50,3 +50,17 @@ def test_logical_to_spec_never_reuses_an_axis():
     rules = (("activation_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
     spec = sharding.logical_to_spec(("activation_batch", "embed", "mlp"), rules)
     assert tuple(spec) == (("data", "fsdp"), None, "tensor")
+
+
+def test_constrain_applies_logical_rules_inside_jit():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = (("activation_batch", ("data", "fsdp")), ("activation_embed", "tensor"))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        y = jax.jit(lambda x: sharding.constrain(x * 2, ("activation_batch", "activation_embed")))(jnp.ones((8, 4)))
+    assert tuple(y.sharding.spec) == (("data", "fsdp"), "tensor")
+    # Outside a mesh it is a no-op, so models run unsharded in plain scripts.
+    assert sharding.constrain(jnp.ones(3), ("activation_batch",)).shape == (3,)
