@@ -136,6 +136,9 @@ def xla_dit_forward_flops(cfg, latent_thw, *, text_len=None, batch: int = 1, per
 
     if per_token_time is None:
         per_token_time = not cfg.num_classes
+    # XLA's cost analysis counts a while-loop body once, not once per trip: unroll the layers.
+    cfg = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    cfg.scan_layers = False
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

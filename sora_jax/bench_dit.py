@@ -1,0 +1,149 @@
+"""Benchmark: one DiT training step (forward, backward, AdamW) at "bench-small" on this machine.
+
+bench-small: 16 latent channels, latent 5x16x16, patch (1,2,2) -> 320 tokens per video,
+batch 4, width 384, 6 heads, depth 6, MLP 1536, 32 precomputed text tokens of width 512
+(as the peer, diffusers' Wan transformer, takes text embeddings), fp32, per-example time.
+
+MFU is measured against the fp32 matmul throughput this script measures itself (a large
+jnp.dot, best of several runs), so it says how close the step is to what XLA:CPU
+can do on this machine right now, not to a datasheet peak. Achieved FLOP/s use the
+analytic count of sora_jax.flops (3 x forward, attention included).
+
+    python -m sora_jax.bench dit [--steps N] [--peer] [--per_token_time] [--unroll]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sora_jax import flops
+from sora_jax.models import dit
+from sora_jax.models.patches import grid_positions
+
+PEER_SCRIPT = "/work/shared/bench/run_peer.sh"
+
+
+def bench_config(scan_layers: bool = False):
+    cfg = dit.dit_config("bench-small")
+    cfg.text.encoder = "precomputed"
+    cfg.text.emb_dim = 512
+    cfg.text.max_len = 32
+    cfg.scan_layers = scan_layers
+    return cfg
+
+
+def matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-N fp32 throughput of an n x n x n jnp.dot (2 n^3 FLOPs), in TFLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = min(_timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best / 1e12
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_batch(cfg, batch: int, thw=(5, 16, 16), text_len: int = 32, per_token_time: bool = False):
+    rng = np.random.default_rng(0)
+    grid = tuple(a // p for a, p in zip(thw, cfg.patch))
+    n = int(np.prod(grid))
+    p = int(np.prod(cfg.patch)) * cfg.latent_channels
+    return dict(
+        x=jnp.asarray(rng.normal(size=(batch, n, p)), jnp.float32),
+        target=jnp.asarray(rng.normal(size=(batch, n, p)), jnp.float32),
+        t=jnp.asarray(rng.uniform(size=(batch, n) if per_token_time else (batch,)), jnp.float32),
+        positions=jnp.asarray(np.broadcast_to(grid_positions(grid), (batch, n, 3))),
+        text_emb=jnp.asarray(rng.normal(size=(batch, 1, text_len, cfg.text.emb_dim)), jnp.float32),
+        text_mask=jnp.ones((batch, 1, text_len), bool),
+    )
+
+
+def run(args=None) -> dict:
+    if args is None or isinstance(args, (list, tuple)):
+        ap = argparse.ArgumentParser(prog="python -m sora_jax.bench dit")
+        ap.add_argument("--steps", type=int, default=5)
+        ap.add_argument("--batch", type=int, default=4)
+        ap.add_argument("--peer", action="store_true", help="also time the peer (run_peer.sh dit) in this run")
+        ap.add_argument("--per_token_time", action="store_true", help="t of shape [B, L] instead of [B]")
+        ap.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
+        args = ap.parse_args(list(args or []))
+    steps = getattr(args, "steps", 5)
+    batch_size = getattr(args, "batch", 4)
+    per_token = getattr(args, "per_token_time", False)
+
+    cfg = bench_config(scan_layers=getattr(args, "scan", False))
+    model = dit.create_dit(cfg)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.0)
+    opt_state = tx.init(params)
+    batch = make_batch(cfg, batch_size, per_token_time=per_token)
+
+    def loss_fn(params, batch):
+        m = nnx.merge(graphdef, params)
+        # Segment ids None: a bucketed batch (one video per row, no padding), as the peer runs.
+        out = m(batch["x"], batch["t"], batch["positions"], None,
+                text_emb=batch["text_emb"], text_mask=batch["text_mask"])
+        return jnp.mean((out - batch["target"]) ** 2)
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    compile_s = _timed(lambda: train_step.lower(params, opt_state, batch).compile())
+    for _ in range(2):  # warm-up
+        params, opt_state, loss = train_step(params, opt_state, batch)
+    loss.block_until_ready()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        params, opt_state, loss = train_step(params, opt_state, batch)
+        loss.block_until_ready()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+
+    n_tokens = batch["x"].shape[0] * batch["x"].shape[1]
+    fl = flops.dit_flops(cfg, (5, 16, 16), text_len=32, per_token_time=per_token)
+    train_flops = fl["train_flops"] * batch_size
+    peak = matmul_tflops()
+    achieved = train_flops / step_s / 1e12
+    out = dict(
+        bench="dit", config="bench-small", batch=batch_size, tokens_per_step=n_tokens,
+        per_token_time=per_token, scan_layers=cfg.scan_layers, devices=jax.device_count(),
+        backend=jax.default_backend(), compile_s=round(compile_s, 2),
+        step_s_median=step_s, times=times, tokens_per_s=n_tokens / step_s,
+        train_flops_per_step=train_flops, achieved_tflops=achieved,
+        matmul_fp32_tflops=peak, mfu=achieved / peak, loss=float(loss),
+        params=dit.count_params(nnx.merge(graphdef, params)),
+    )
+    if getattr(args, "peer", False):
+        try:
+            res = subprocess.run(["bash", PEER_SCRIPT, "dit", str(steps)], capture_output=True, text=True, timeout=1800)
+            peer = json.loads(res.stdout.strip().splitlines()[-1])
+            out.update(peer_tokens_per_s=peer["tokens_per_s"], peer_step_s=peer["step_s_median"],
+                       peer_params=peer.get("params"), speedup_vs_peer=out["tokens_per_s"] / peer["tokens_per_s"])
+        except Exception as e:  # the peer is optional; say why it is missing
+            out["peer_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(run(sys.argv[1:])))
