@@ -39,7 +39,11 @@ def diffusion_config(config) -> ml_collections.ConfigDict:
     unknown = set(given) - set(out)
     if unknown:
         raise ValueError(f"config.diffusion has unknown fields {sorted(unknown)}; known: {sorted(out)}")
-    out.update(dict(given))
+    for key in given:
+        if key == "tasks":  # replaced as a whole: tasks left out weigh 0, not their default
+            out.tasks = ml_collections.ConfigDict({name: 0.0 for name in out.tasks} | dict(given.tasks))
+        else:
+            out[key] = given[key]
     return out
 
 
