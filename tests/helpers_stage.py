@@ -108,7 +108,9 @@ class RegressionStage(Stage):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = config_lib.parse_arg(arg, steps=6, batch=16, micro=1, nan_at=0, sleep=0.0)
+    """Args: steps, batch, micro (microbatches), nan_at (step fed NaN inputs), sleep (s per batch),
+    quiet (no eval or samples: tests about the state alone skip their compiles)."""
+    a = config_lib.parse_arg(arg, steps=6, batch=16, micro=1, nan_at=0, sleep=0.0, quiet=False)
     c = config_lib.base_config()
     c.stage = "tests.helpers_stage:RegressionStage"
     c.seed = 0
@@ -127,6 +129,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_eval_batches = 2
     c.train.progress = False
     c.mesh.data = -1
+    if a.quiet:
+        c.train.update(eval_every=-1, sample_every=-1)
     return c
 
 

@@ -20,7 +20,7 @@ def _params(state):
 
 def test_restore_8_device_checkpoint_on_4_devices(tmp_path):
     workdir = str(tmp_path / "w")
-    config = helpers_stage.get_config("steps=4")
+    config = helpers_stage.get_config("steps=4,quiet")
     config.mesh.update(data=2, fsdp=2, tensor=2)
     loop.train(config, workdir)
 
@@ -52,7 +52,7 @@ def test_restore_8_device_checkpoint_on_4_devices(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     workdir = str(tmp_path / "w")
-    config = helpers_stage.get_config("steps=4")
+    config = helpers_stage.get_config("steps=4,quiet")
     loop.train(config, workdir)
     state_dir = os.path.join(workdir, "checkpoints", "4", "state")
     damaged = 0
@@ -65,7 +65,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     assert damaged
     capsys.readouterr()
 
-    config = helpers_stage.get_config("steps=6")
+    config = helpers_stage.get_config("steps=6,quiet")
     result = loop.train(config, workdir)
     out = capsys.readouterr().out
     assert "checkpoint 4" in out and "corrupt" in out and "falling back to checkpoint 2" in out

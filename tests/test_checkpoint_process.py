@@ -27,8 +27,7 @@ def _wait_for(predicate, proc, timeout=120):
 
 def test_sigkill_then_restart_resumes_exactly(tmp_path):
     reference = str(tmp_path / "reference")
-    config = helpers_stage.get_config("steps=8")
-    config.train.update(eval_every=-1, sample_every=-1)
+    config = helpers_stage.get_config("steps=8,quiet")
     loop.train(config, reference)
 
     workdir = str(tmp_path / "killed")

@@ -10,7 +10,7 @@ from sora_jax.train import loop, metrics, optim, preflight, stages
 
 
 def test_nan_stops_cleanly_without_a_poisoned_checkpoint(tmp_path):
-    config = helpers_stage.get_config("steps=6,nan_at=3")
+    config = helpers_stage.get_config("steps=6,nan_at=3,quiet")
     with pytest.raises(loop.NonFiniteError) as err:
         loop.train(config, str(tmp_path))
     message = str(err.value)
@@ -23,7 +23,7 @@ def test_nan_stops_cleanly_without_a_poisoned_checkpoint(tmp_path):
 def test_preflight_refuses_a_run_that_does_not_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight, "device_memory", lambda: (1024, "a pretend 1 KiB device", 1))
     with pytest.raises(preflight.PreflightError) as err:
-        loop.train(helpers_stage.get_config("steps=2"), str(tmp_path))
+        loop.train(helpers_stage.get_config("steps=2,quiet"), str(tmp_path))
     message = str(err.value)
     assert "will not fit" in message and "microbatches" in message and "fsdp" in message and "remat" in message
     assert "parameters: 312" in message

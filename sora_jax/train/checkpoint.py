@@ -23,6 +23,7 @@ straight into the new layout.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -106,7 +107,9 @@ class Checkpointer:
         )
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
-        metrics = {BEST_METRIC: float(eval_loss)} if eval_loss is not None else None
+        # A non-finite eval loss must not rank as "best".
+        finite = eval_loss is not None and math.isfinite(float(eval_loss))
+        metrics = {BEST_METRIC: float(eval_loss)} if finite else None
         return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def wait(self) -> None:
