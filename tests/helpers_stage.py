@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from sora_jax import config_lib, sharding
-from sora_jax.train import state as state_lib
 from sora_jax.train.stage import Stage
 
 D_IN, D_HIDDEN, D_OUT = 8, 16, 8
@@ -46,7 +45,7 @@ class MLP(nnx.Module):
                                   bias_init=sharding.partitioned(nnx.initializers.zeros, ("norm",)))
 
     def __call__(self, x):
-        h = state_lib.constrain(self.up(x), ("activation_batch", "activation_mlp"))
+        h = sharding.constrain(self.up(x), ("activation_batch", "activation_mlp"))
         return self.down(jax.nn.gelu(self.norm(h)))
 
 

@@ -94,21 +94,6 @@ def cast_floating(tree: Any, dtype) -> Any:
 # --- the update ---------------------------------------------------------------------
 
 
-def constrain(x: jax.Array, names) -> jax.Array:
-    """Logical sharding constraint using the active nnx.logical_axis_rules.
-
-    (sharding.constrain calls nnx.with_logical_constraint, which flax 0.12.8 does
-    not have; this is the same thing spelled with what exists.)
-    """
-    from flax.core import spmd
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return x
-    spec = sharding.logical_to_spec(tuple(names), spmd.get_logical_axis_rules())
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
 def _split_microbatches(x: jax.Array, microbatches: int, names) -> jax.Array:
     """(B, ...) -> (microbatches, B/microbatches, ...) without moving rows between devices.
 
@@ -120,7 +105,7 @@ def _split_microbatches(x: jax.Array, microbatches: int, names) -> jax.Array:
     x = x.reshape((b // microbatches, microbatches) + x.shape[1:])
     x = jnp.swapaxes(x, 0, 1)
     names = tuple(names) + (None,) * (x.ndim - 1 - len(names))
-    return constrain(x, (None,) + names[: x.ndim - 1])
+    return sharding.constrain(x, (None,) + names[: x.ndim - 1])
 
 
 def make_train_step(stage, setup: TrainSetup, config: ml_collections.ConfigDict) -> Callable:
