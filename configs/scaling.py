@@ -137,7 +137,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.steps = steps
     config.train.eval_every = max(1, steps // int(preset["evals"]))
     config.train.checkpoint_every = config.train.eval_every
-    config.train.log_every = max(1, min(config.train.eval_every, steps // 50 or 1))
+    # About 50 log lines per run, on a divisor of the eval/checkpoint cadence so that a resumed
+    # run's first log window starts exactly at its checkpoint (sora_jax.scaling accounting).
+    target = max(1, steps // 50)
+    config.train.log_every = max(d for d in range(1, config.train.eval_every + 1)
+                                 if config.train.eval_every % d == 0 and d <= target)
     config.train.sample_every = 0  # samples only at the end: the side-by-side grid uses the final model
     config.optim.warmup_steps = int(round(preset["warmup_frac"] * steps))
     config.optim.lr = preset["lr"] * (plan.shape.width / base_shape.width) ** float(args.lr_width_power)
