@@ -1,10 +1,13 @@
 """Two processes x 4 CPU devices (gloo collectives) train exactly like one process with 8 devices."""
 
 import os
+import signal
 import socket
 import subprocess
+import time
 
 import numpy as np
+import pytest
 
 import helpers_stage
 from sora_jax.train import loop
@@ -52,3 +55,27 @@ def test_two_processes_match_one_process(tmp_path):
     # Both processes wrote their data-iterator state into the shared checkpoint.
     data_dir = os.path.join(workdir, "checkpoints", "4", "data")
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_both_at_the_same_checkpoint(tmp_path):
+    workdir = str(tmp_path / "w")
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = helpers_stage.cli_command(workdir, "steps=300,sleep=0.2,quiet", (
+            "--config.train.checkpoint_every=1000", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+            f"--process_id={pid}"))
+        procs.append(subprocess.Popen(cmd, cwd=helpers_stage.REPO, env=helpers_stage.cli_env(devices=2),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    start = time.time()
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while not (os.path.exists(metrics) and len(helpers_stage.train_losses(workdir)) >= 2):
+        assert time.time() - start < 240 and all(p.poll() is None for p in procs), "run ended or hung"
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # only one host is preempted
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "SIGTERM: saved checkpoint" in outputs[0]
+    steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+    assert len(steps) == 1 and 2 <= steps[0] < 300

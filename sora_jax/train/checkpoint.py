@@ -23,6 +23,7 @@ straight into the new layout.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 import shutil
@@ -37,6 +38,16 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 BEST_METRIC = "eval_loss"
+
+
+class _QuietMissingMetrics(std_logging.Filter):
+    """Checkpoints saved between evals have no eval loss by design; orbax warns about each one."""
+
+    def filter(self, record):
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.get_absl_logger().addFilter(_QuietMissingMetrics())
 
 
 def _log(msg: str) -> None:
