@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 import helpers_stage
@@ -90,3 +91,16 @@ def test_keeps_last_k_plus_best_by_eval_loss(tmp_path):
     again.wait()
     assert again.all_steps() == [2, 6]
     again.close()
+
+
+def test_a_changed_model_config_is_an_error_not_a_fallback(tmp_path):
+    workdir = str(tmp_path / "w")
+    checkpointer = ckpt_lib.Checkpointer(workdir)
+    config = helpers_stage.get_config("")
+    checkpointer.save(2, {"w": np.zeros((3,), np.float32)}, None, config)
+    checkpointer.wait()
+    target = {"w": jax.ShapeDtypeStruct((5,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    with pytest.raises(RuntimeError, match="did the model config change"):
+        checkpointer.restore_latest(target)
+    assert checkpointer.all_steps() == [2]  # nothing moved
+    checkpointer.close()

@@ -151,23 +151,34 @@ class Checkpointer:
         return os.path.exists(os.path.join(self.directory, str(step), "data", name))
 
     def restore_latest(self, abstract_state: Any, iterator: Any = None) -> tuple[Any, int] | None:
-        """Restores the newest readable checkpoint; unreadable ones are moved aside with a message."""
+        """Restores the newest readable checkpoint; newer unreadable ones are moved aside with a message.
+
+        If no checkpoint restores, nothing is moved and the error is raised: that
+        is a config that no longer matches the workdir (a changed model), not damage.
+        """
         steps = sorted(self.manager.all_steps(), reverse=True)
-        for i, step in enumerate(steps):
+        failures: list[tuple[int, Exception]] = []
+        for step in steps:
             try:
                 state = self.restore(step, abstract_state, iterator)
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
-                previous = steps[i + 1] if i + 1 < len(steps) else None
-                _log(
-                    f"WARNING: checkpoint {step} in {self.directory} is incomplete or corrupt "
-                    f"({type(err).__name__}: {str(err)[:300]}); moving it to corrupt_checkpoints/ and "
-                    + (f"falling back to checkpoint {previous}." if previous is not None else "starting from scratch.")
-                )
-                self._quarantine(step)
+                _log(f"WARNING: checkpoint {step} in {self.directory} does not restore "
+                     f"({type(err).__name__}: {str(err)[:300]}); trying the previous one.")
+                failures.append((step, err))
                 continue
-            if i > 0:
-                _log(f"Resumed from checkpoint {step} (fallback from corrupt checkpoint {steps[0]}).")
+            for bad, _ in failures:
+                _log(f"WARNING: checkpoint {bad} is incomplete or corrupt; moved to "
+                     f"{self.workdir}/corrupt_checkpoints/, falling back to checkpoint {step}.")
+                self._quarantine(bad)
+            if failures:
+                _log(f"Resumed from checkpoint {step} (fallback from corrupt checkpoint {failures[0][0]}).")
             return state, step
+        if failures:
+            raise RuntimeError(
+                f"none of the checkpoints {steps} in {self.directory} restores into the state this config "
+                "builds (did the model config change?). Use a new --workdir, or move the checkpoints away. "
+                f"Newest error: {type(failures[0][1]).__name__}: {failures[0][1]}"
+            ) from failures[0][1]
         return None
 
     def _quarantine(self, step: int) -> None:

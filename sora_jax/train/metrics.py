@@ -11,6 +11,7 @@ reported per device so runs on different pods compare directly:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -145,12 +146,24 @@ class MetricsWriter:
             print(message, flush=True)
 
     def add_video(self, tag: str, video: np.ndarray, step: int, fps: int = 8) -> None:
-        """video: (N, T, H, W, C) uint8 or float in [0, 1]."""
-        if self.tb is not None:
-            v = np.asarray(video)
-            if v.dtype != np.uint8:
-                v = (np.clip(v, 0, 1) * 255).astype(np.uint8)
+        """video: (N, T, H, W, C) uint8 or float in [0, 1].
+
+        TensorBoard videos need moviepy (not a dependency); without it each video
+        is shown as an image strip of its frames, one row per video.
+        """
+        if self.tb is None:
+            return
+        v = np.asarray(video)
+        if v.dtype != np.uint8:
+            v = (np.clip(v, 0, 1) * 255).astype(np.uint8)
+        if v.shape[-1] == 1:
+            v = np.repeat(v, 3, axis=-1)
+        if importlib.util.find_spec("moviepy") is not None:
             self.tb.add_video(tag, np.transpose(v, (0, 1, 4, 2, 3)), step, fps=fps)
+        else:
+            n, t, h, w, c = v.shape
+            strip = v.transpose(0, 2, 1, 3, 4).reshape(n * h, t * w, c)  # rows: videos, columns: frames
+            self.tb.add_image(tag, strip, step, dataformats="HWC")
 
     def close(self) -> None:
         if not self.active:
