@@ -72,6 +72,10 @@ class Result:
     latents: np.ndarray  # float32 (T', H', W', C), normalised
     metadata: dict
 
+    def save(self, out_dir: str, name: str | None = None) -> list[str]:
+        """Writes the outputs (see `save`) as OUT_DIR/NAME.*; returns the paths."""
+        return list(save(self, out_dir, name or self.metadata["mode"]).values())
+
 
 # --- workdir checks (cheap: JSON and directory listings only) ----------------------------
 
@@ -175,7 +179,7 @@ class Geometry:
         if h < 1 or w < 1:
             raise GenerationError(f"size must be positive, got {h}x{w}")
         m = self.multiple
-        out = (max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m))
+        out = (max(m, int(h / m + 0.5) * m), max(m, int(w / m + 0.5) * m))  # halves round up
         if out[0] * out[1] > MAX_PIXELS_FACTOR * self.pixels:
             raise GenerationError(f"size {out[0]}x{out[1]} has more than {MAX_PIXELS_FACTOR}x the training pixel "
                                   f"budget of {self.pixels} pixels per frame")
@@ -191,7 +195,7 @@ class Geometry:
             raise GenerationError(f"{what} must be an integer, got {frames!r}") from None
         if not minimum <= n <= maximum:
             raise GenerationError(f"{what}={n} is out of range: this mode takes {minimum}..{maximum}")
-        out = offset + int(round((n - offset) / step)) * step
+        out = offset + int((n - offset) / step + 0.5) * step  # halves round up
         out = min(max(out, minimum), maximum)
         if out != n:
             notes.append(f"{what} {n} rounded to {out} ({offset} + {step}k)")

@@ -29,25 +29,10 @@ def _train(config, workdir):
     assert result.status == "done", result
 
 
-def _shim_constrain():
-    """sharding.constrain calls nnx.with_logical_constraint, which flax 0.12.8 lacks, so every
-    model that uses it fails under the loop's mesh. Until sharding.py is fixed, use the same
-    constraint spelled with what exists (models/attention.constrain). No-op once fixed."""
-    from flax import nnx
-
-    from sora_jax import sharding
-
-    if not hasattr(nnx, "with_logical_constraint"):
-        from sora_jax.models.attention import constrain
-
-        sharding.constrain = constrain
-
-
 def build_tiny_workdirs(root: str) -> dict:
     """Trains the tiny VAE and DiT under `root`; returns {"vae", "latents", "dit"} paths."""
     from sora_jax import cache_latents, config_lib
 
-    _shim_constrain()
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     vae_dir, lat_dir, dit_dir = (os.path.join(root, d) for d in ("vae", "latents", "dit"))
