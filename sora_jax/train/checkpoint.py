@@ -190,8 +190,7 @@ class Checkpointer:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"quarantine_checkpoint_{step}")
-        self.manager.close()
-        self.manager = self._new_manager()
+        self.manager.reload()  # forget the moved step
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
