@@ -94,16 +94,24 @@ def run(workdir: str, micro: bool) -> dict:
 
 
 def write_samples(dit_dir: str, out_dir: str, micro: bool) -> list[str]:
-    """Text-to-video for each prompt, plus an image-to-video and a loop, with JSON sidecars."""
+    """Short prompts, expanded into the long caption style the DiT was trained on (the
+    report's prompt expansion, offline backend), rendered text-to-video; then one
+    image-to-video from the first sample's first frame and one seamless loop."""
     from sora_jax.generate import Generator
 
     gen = Generator.from_workdir(dit_dir)
     steps = 4 if micro else None  # None: the sampler defaults saved in the DiT config
     prompts = PROMPTS[:1] if micro else PROMPTS
     written = []
+    first = None
     for i, prompt in enumerate(prompts):
-        result = gen.text_to_video(prompt, seed=i, steps=steps)
-        written += result.save(os.path.join(out_dir, f"t2v_{i}"))
+        result = gen.text_to_video(prompt, seed=i, steps=steps, expand_with="toy")
+        written += result.save(out_dir, f"t2v_{i}")
+        first = first if first is not None else result
+    if not micro:
+        written += gen.image_to_video(first.video[0], PROMPTS[0], seed=10, steps=steps,
+                                      expand_with="toy").save(out_dir, "i2v_0")
+        written += gen.loop(PROMPTS[1], seed=11, steps=steps, expand_with="toy").save(out_dir, "loop_0")
     return written
 
 
