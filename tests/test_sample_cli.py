@@ -15,7 +15,8 @@ import pytest
 from sora_jax import generate as G
 from sora_jax import sample
 from sora_jax.data.video_io import VideoReadError
-from tests.sampling_fixtures import toy_clip
+pytest.register_assert_rewrite("tests.sampling_fixtures")  # imported here before its plugin registration
+from tests.sampling_fixtures import toy_clip  # noqa: E402
 
 # One plugin registration: the session fixtures (tiny_workdirs, generator) are then shared by every file.
 pytest_plugins = ("tests.sampling_fixtures",)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from sora_jax.data import video_io
-from tests.sampling_fixtures import toy_clip
+pytest.register_assert_rewrite("tests.sampling_fixtures")  # imported here before its plugin registration
+from tests.sampling_fixtures import toy_clip  # noqa: E402
 
 # One plugin registration: the session fixtures (tiny_workdirs, generator) are then shared by every file.
 pytest_plugins = ("tests.sampling_fixtures",)
@@ -119,6 +120,21 @@ def test_prompt_expansion_is_used_shown_and_saved(generator, tmp_path):
     assert len(md["expanded_prompt"]) > len(md["prompt"]) and "red" in md["expanded_prompt"]
     sidecar = json.load(open(generator_save(out, tmp_path, "expanded")["json"]))
     assert sidecar["expanded_prompt"] == md["expanded_prompt"]
+
+
+def test_sharded_generation_matches_unsharded(tiny_workdirs, generator):
+    import jax
+
+    from sora_jax import sharding
+    from sora_jax.generate import Generator
+
+    mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+    sharded = Generator.from_workdir(tiny_workdirs["dit"], mesh=mesh)
+    specs = {tuple(v.sharding.spec) for v in jax.tree.leaves(sharded.state)}
+    assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs), specs
+    a = generator.text_to_video("a red circle bouncing", seed=3, steps=STEPS)
+    b = sharded.text_to_video("a red circle bouncing", seed=3, steps=STEPS)
+    np.testing.assert_allclose(b.latents, a.latents, atol=1e-5)
 
 
 @pytest.mark.slow
