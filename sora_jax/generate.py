@@ -324,15 +324,20 @@ class Generator:
         if not vae_dir:
             raise CheckpointError(f"DiT workdir {os.path.abspath(workdir)}: its config has no vae_workdir "
                                   "(pass vae_workdir=)")
-        check_checkpoint(vae_dir, None, "VAE")
+        _, vae_step = check_checkpoint(vae_dir, None, "VAE")
         from sora_jax.models.vae_api import VAEHandle
 
         mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1})
-        try:
-            config, model = checkpoint.restore_model(workdir, step=step, use_ema=use_ema, mesh=mesh)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"DiT workdir {os.path.abspath(workdir)}: {e}") from None
-        vae = VAEHandle.from_workdir(vae_dir)
+        # Explicit steps: a damaged checkpoint is an error here, never moved aside (restore_latest's way).
+        for what, path, at in (("DiT", workdir, step), ("VAE", vae_dir, vae_step)):
+            try:
+                if what == "DiT":
+                    config, model = checkpoint.restore_model(workdir, step=step, use_ema=use_ema, mesh=mesh)
+                else:
+                    vae = VAEHandle.from_workdir(vae_dir, step=vae_step)
+            except Exception as e:  # orbax / tensorstore raise many types for missing or damaged files
+                raise CheckpointError(f"{what} workdir {os.path.abspath(path)}: checkpoint {at} could not be "
+                                      f"restored ({type(e).__name__}: {str(e)[:300]})") from e
         return cls(config, model, vae, step=step, workdir=os.path.abspath(workdir), mesh=mesh, **kwargs)
 
     # --- settings ---------------------------------------------------------------------------
