@@ -38,7 +38,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ from flax import nnx
 from sora_jax import sharding
 from sora_jax.data import transforms, video_io
 from sora_jax.data.tokenizer import HashTokenizer
-from sora_jax.data.video_io import VideoReadError
+from sora_jax.data.video_io import VideoReadError  # noqa: F401 (re-exported: the error for unreadable inputs)
 from sora_jax.diffusion import samplers
 from sora_jax.models import patches
 
