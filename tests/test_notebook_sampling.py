@@ -10,6 +10,10 @@ NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "sampling_
 # The session fixtures (tiny_workdirs) come from one plugin registration, shared with the other sampling tests.
 pytest_plugins = ("tests.sampling_fixtures",)
 
+# One xdist worker runs every test that uses the shared tiny checkpoint, so it is trained once.
+pytestmark = pytest.mark.xdist_group("tiny_checkpoint")
+
+
 
 def test_sampling_modes_notebook_runs(tiny_workdirs, monkeypatch):
     nbclient = pytest.importorskip("nbclient")

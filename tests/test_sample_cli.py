@@ -21,6 +21,10 @@ from tests.sampling_fixtures import toy_clip  # noqa: E402
 # One plugin registration: the session fixtures (tiny_workdirs, generator) are then shared by every file.
 pytest_plugins = ("tests.sampling_fixtures",)
 
+# One xdist worker runs every test that uses the shared tiny checkpoint, so it is trained once.
+pytestmark = pytest.mark.xdist_group("tiny_checkpoint")
+
+
 
 def _cli(tiny_workdirs, tmp_path, *args):
     return sample.main([f"--workdir={tiny_workdirs['dit']}", f"--out={tmp_path / 'out'}", "--steps=2", *args])
