@@ -69,7 +69,7 @@ def train_stage(name: str, arg: str, workdir: str) -> float:
 
 
 def run(workdir: str, micro: bool) -> dict:
-    from sora_jax import cache_latents
+    from sora_jax import cache_latents, config_lib
 
     opt = ",micro" if micro else ""
     vae_dir, lat_dir, dit_dir = (os.path.join(workdir, d) for d in ("vae", "latents", "dit"))
@@ -78,7 +78,10 @@ def run(workdir: str, micro: bool) -> dict:
 
     _say(f"2/4 caching latents -> {lat_dir}")
     start = time.time()
-    metas = cache_latents.cache(vae_dir, lat_dir, num_train=32 if micro else 0, num_eval=8 if micro else 0)
+    # Pixels for the cache come from the DiT's data config: the full native-size mix.
+    dit_data = config_lib.load_config(os.path.join(CONFIGS, f"quickstart.py:dit{opt}")).data
+    metas = cache_latents.cache(vae_dir, lat_dir, dit_data, num_train=dit_data.num_train,
+                                num_eval=dit_data.num_eval)
     timings["cache_s"] = time.time() - start
     _say(f"cached {metas['train']['num_examples']} train / {metas['eval']['num_examples']} eval latents")
 

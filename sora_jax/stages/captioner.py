@@ -32,7 +32,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sora_jax import sharding
 from sora_jax.data.tokenizer import EOS_ID, PAD_ID, HashTokenizer
 from sora_jax.train.stage import Stage
 
@@ -230,7 +229,6 @@ class CaptionerStage(Stage):
             raise ValueError(f"config.model.vocab_size {model.vocab_size} != config.data.vocab_size {data.vocab_size}")
         if int(model.max_len) < int(data.text_len):
             raise ValueError(f"config.model.max_len {model.max_len} < config.data.text_len {data.text_len}")
-        self._eval = None
         self._vocab = None
         self._examples = None
         self._writer_cache = None
@@ -242,25 +240,15 @@ class CaptionerStage(Stage):
         return Captioner(self.config.model, rngs=rngs)
 
     # --- data -----------------------------------------------------------------------------
-    def _batch_multiple(self, process_count: int) -> int:
-        mesh = sharding.resolve_mesh_shape(dict(self.config.mesh), jax.device_count())
-        return max(1, mesh[0] * mesh[1] // max(process_count, 1))
-
     def train_batches(self, process_index: int, process_count: int) -> Any:
         from sora_jax.data import pipeline
 
-        return pipeline.pixel_batches(self.config, "train", seed=int(self.config.seed), process_index=process_index,
-                                      process_count=process_count, batch_multiple=self._batch_multiple(process_count))
+        return self.pipeline_batches(pipeline.pixel_batches, "train", process_index, process_count)
 
     def eval_batches(self):
-        if self._eval is None:
-            from sora_jax.data import pipeline
+        from sora_jax.data import pipeline
 
-            it = pipeline.pixel_batches(self.config, "eval", seed=int(self.config.seed),
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        batch_multiple=self._batch_multiple(jax.process_count()))
-            self._eval = pipeline.fixed_batches(it, int(self.config.train.num_eval_batches))
-        return self._eval
+        return self.fixed_eval_batches(pipeline.pixel_batches)
 
     # --- objective --------------------------------------------------------------------------
     def _token_terms(self, model, batch):

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sora_jax import sharding
 from sora_jax.diffusion import conditioning as cond_lib
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.diffusion import samplers
@@ -56,7 +55,6 @@ class DiTStage(Stage):
         if tuple(config.model.patch) != tuple(config.data.patch):
             raise ValueError(f"config.model.patch {tuple(config.model.patch)} != config.data.patch "
                              f"{tuple(config.data.patch)}: the data is patchified with the model's patch")
-        self._eval = None
         self._flops_cache: dict = {}
 
     # --- model ------------------------------------------------------------------
@@ -68,26 +66,15 @@ class DiTStage(Stage):
 
     # --- data ---------------------------------------------------------------------
 
-    def _batch_multiple(self, process_count: int) -> int:
-        """Rows per batch must split evenly over this process's data-parallel shards."""
-        mesh = sharding.resolve_mesh_shape(dict(self.config.mesh), jax.device_count())
-        return max(1, mesh[0] * mesh[1] // max(process_count, 1))
-
     def train_batches(self, process_index: int, process_count: int) -> Any:
         from sora_jax.data import pipeline
 
-        return pipeline.token_batches(self.config, "train", seed=int(self.config.seed), process_index=process_index,
-                                      process_count=process_count, batch_multiple=self._batch_multiple(process_count))
+        return self.pipeline_batches(pipeline.token_batches, "train", process_index, process_count)
 
     def eval_batches(self):
-        if self._eval is None:
-            from sora_jax.data import pipeline
+        from sora_jax.data import pipeline
 
-            it = pipeline.token_batches(self.config, "eval", seed=int(self.config.seed),
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        batch_multiple=self._batch_multiple(jax.process_count()))
-            self._eval = pipeline.fixed_batches(it, int(self.config.train.num_eval_batches))
-        return self._eval
+        return self.fixed_eval_batches(pipeline.token_batches)
 
     def batch_axes(self):
         from sora_jax.data import pipeline

@@ -31,7 +31,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sora_jax import sharding
 from sora_jax.models import vae as vae_lib
 from sora_jax.train.stage import Stage
 
@@ -121,7 +120,6 @@ class VAEStage(Stage):
         if self.opts.recon not in ("l1", "l2"):
             raise ValueError(f"config.vae.recon must be 'l1' or 'l2', got {self.opts.recon!r}")
         self.model_cfg = vae_lib.vae_config(config.model)
-        self._eval = None
         self._recon_fn = None
 
     # --- model -----------------------------------------------------------------------------
@@ -132,25 +130,15 @@ class VAEStage(Stage):
         return model
 
     # --- data ------------------------------------------------------------------------------
-    def _batch_multiple(self, process_count: int) -> int:
-        mesh = sharding.resolve_mesh_shape(dict(self.config.mesh), jax.device_count())
-        return max(1, mesh[0] * mesh[1] // max(process_count, 1))
-
     def train_batches(self, process_index: int, process_count: int) -> Any:
         from sora_jax.data import pipeline
 
-        return pipeline.pixel_batches(self.config, "train", seed=int(self.config.seed), process_index=process_index,
-                                      process_count=process_count, batch_multiple=self._batch_multiple(process_count))
+        return self.pipeline_batches(pipeline.pixel_batches, "train", process_index, process_count)
 
     def eval_batches(self):
-        if self._eval is None:
-            from sora_jax.data import pipeline
+        from sora_jax.data import pipeline
 
-            it = pipeline.pixel_batches(self.config, "eval", seed=int(self.config.seed),
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        batch_multiple=self._batch_multiple(jax.process_count()))
-            self._eval = pipeline.fixed_batches(it, int(self.config.train.num_eval_batches))
-        return self._eval
+        return self.fixed_eval_batches(pipeline.pixel_batches)
 
     # --- objective -----------------------------------------------------------------------------
     def _real_rows(self, batch):

@@ -14,7 +14,7 @@ they must not mutate it or touch the host.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -45,6 +45,28 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     def eval_batches(self) -> Sequence[Batch]:
         """A fixed held-out set of numpy batches (same every call), process-local."""
+
+    # Shared plumbing: every stage reads its batches through sora_jax.data.pipeline.
+    def batch_multiple(self, process_count: int) -> int:
+        """Rows per local batch must split evenly over this process's data-parallel shards."""
+        from sora_jax import sharding
+
+        mesh = sharding.resolve_mesh_shape(dict(self.config.mesh), jax.device_count())
+        return max(1, mesh[0] * mesh[1] // max(process_count, 1))
+
+    def pipeline_batches(self, make: Callable, split: str, process_index: int, process_count: int) -> Any:
+        """`make` is pipeline.pixel_batches or pipeline.token_batches."""
+        return make(self.config, split, seed=int(self.config.seed), process_index=process_index,
+                    process_count=process_count, batch_multiple=self.batch_multiple(process_count))
+
+    def fixed_eval_batches(self, make: Callable) -> Sequence[Batch]:
+        """The first `config.train.num_eval_batches` eval batches, built once and reused."""
+        if getattr(self, "_fixed_eval", None) is None:
+            from sora_jax.data import pipeline
+
+            it = self.pipeline_batches(make, "eval", jax.process_index(), jax.process_count())
+            self._fixed_eval = pipeline.fixed_batches(it, int(self.config.train.num_eval_batches))
+        return self._fixed_eval
 
     def batch_axes(self) -> Mapping[str, Sequence[str | None]]:
         """Logical axis names of each batch entry; default: leading dim is the batch."""
