@@ -123,15 +123,51 @@ def state_shardings(abstract_state: Any, mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op outside a mesh (plain CPU use)."""
+def _active_rules():
+    """The rules set by nnx.logical_axis_rules(...), or None outside a mesh or without rules."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
-        return x
-    from flax.core import spmd  # the rules set by nnx.logical_axis_rules(...)
+        return None
+    from flax.core import spmd
 
-    spec = logical_to_spec(tuple(names), spmd.get_logical_axis_rules())
-    return jax.lax.with_sharding_constraint(x, spec)
+    return spmd.get_logical_axis_rules() or None
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh (plain CPU use) or
+    without logical rules (a bare mesh has no meaning for the names; replicating would be wrong)."""
+    rules = _active_rules()
+    if rules is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(tuple(names), rules))
+
+
+def gather_for_compute(w: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrains a parameter to its sharding minus the batch's mesh axes, right before use.
+
+    This is FSDP (ZeRO-3) spelled out: a weight is *stored* sharded over "fsdp" but
+    *used* whole along that axis, while the activations stay sharded over the batch.
+    It is also a workaround for an XLA SPMD partitioner miscompile (jax/jaxlib 0.10.2,
+    Shardy and GSPMD alike): for x[B, K] @ w[K, N] with B over ("data", "fsdp"), K over
+    "tensor" in both operands, N of w over "fsdp" and the result wanted as
+    [B over ("data", "fsdp"), N over "tensor"], the partitioner collective-permutes
+    x's batch shards into ("fsdp", "data") device order but labels the product with
+    the original order, so batch rows 1 and 2 (of 4 shards) swap silently. Every
+    ("mlp", "embed") kernel (attention out, MLP fc2) hits this on mesh data=2, fsdp=2,
+    tensor=2 once activations are constrained to the batch sharding. Gathering the
+    fsdp axis first leaves the partitioner only the correct plan (it all-gathers w
+    over fsdp in the buggy plan too, so this costs nothing). Repro: docs/dit.md.
+    """
+    rules = _active_rules()
+    if rules is None:
+        return w
+    batch_axes = logical_to_spec(("activation_batch",), rules)[0]
+    batch_axes = set(batch_axes if isinstance(batch_axes, tuple) else (batch_axes,) if batch_axes else ())
+    spec = []
+    for entry in logical_to_spec(tuple(names), rules):
+        axes = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,) if entry else ()) if a not in batch_axes)
+        spec.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+    return jax.lax.with_sharding_constraint(w, P(*spec))
 
 
 def partitioned(init_fn, names: Sequence[str | None]):

@@ -159,37 +159,74 @@ def test_scan_equals_unrolled_with_grads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("axes", [
-    {"data": 4, "tensor": 2},
-    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.xfail(strict=True, reason=(
-        "open bug: with fsdp=2 (params' embed dim sharded) rows 1 and 2 of the batch come out wrong, "
-        "even for replicated inputs; data=4,tensor=2 is exact. Not yet localised (see docs/dit.md)."))),
-])
-def test_sharded_forward_matches_unsharded(axes):
+def test_dense_under_fsdp_and_tensor_mesh_keeps_batch_rows():
+    """The one-matmul XLA miscompile behind the old fsdp failure (see sharding.gather_for_compute).
+
+    x [B over (data, fsdp), K over tensor] @ w [K over tensor, N over fsdp] wanted as
+    [B over (data, fsdp), N over tensor]: jax 0.10.2 swaps rows 1 and 2 unless w is gathered over fsdp.
+    """
+    mesh, rules = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), sharding.DEFAULT_RULES
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    with nnx.use_eager_sharding(False):
+        layer = attention.Dense(8, 8, ("mlp", "embed"), rngs=nnx.Rngs(0))
+    w = np.asarray(layer.kernel[...])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        layer.kernel[...] = jax.device_put(w, sharding.logical_sharding(mesh, ("mlp", "embed"), rules))
+        layer.bias[...] = jax.device_put(np.asarray(layer.bias[...]), sharding.logical_sharding(mesh, ("embed",), rules))
+        gathered = sharding.gather_for_compute(layer.kernel[...], ("mlp", "embed"))
+        assert gathered.sharding.is_equivalent_to(jax.NamedSharding(mesh, jax.P("tensor", None)), 2)
+        xs = jax.device_put(x, sharding.logical_sharding(mesh, ("activation_batch", "activation_mlp"), rules))
+        y = nnx.jit(lambda m, x: sharding.constrain(m(x), ("activation_batch", "activation_mlp")))(layer, xs)
+    np.testing.assert_allclose(np.asarray(y), x @ w + np.asarray(layer.bias[...]), atol=1e-5)
+
+
+def _loss_and_grads(model, x, t, pos, seg, ids, target):
+    """Row-weighted squared error: rows that trade places (the fsdp bug) change the loss."""
+    def loss(m):
+        out = m(x, t, pos, seg, text_ids=ids)
+        weights = jnp.arange(1, out.shape[0] + 1, dtype=out.dtype)[:, None, None]
+        return jnp.mean(weights * (out - target) ** 2), out
+    return nnx.value_and_grad(loss, has_aux=True)(model)
+
+
+@pytest.fixture(scope="module")
+def unsharded_step():
+    """A randomized micro DiT, a 4-row batch and its unsharded loss, output and gradients."""
     cfg = tiny_config()
-    cfg.text.heads = 2
     exs = [example((2, 2, 2), i, cfg) for i in range(4)]
     rows = [pack([exs[i]], 8, 1) for i in range(4)]
     batch = [np.concatenate([r[j] for r in rows]) for j in range(5)]
-    ref_model = randomize(dit.create_dit(cfg))
-    fwd = nnx.jit(lambda m, x, t, p, s, i: m(x, t, p, s, text_ids=i))
-    ref = np.asarray(fwd(ref_model, *batch))
-    params = nnx.state(ref_model)
+    batch.append(np.random.default_rng(9).normal(size=(4, 8, 16)).astype(np.float32))
+    model = randomize(dit.create_dit(cfg))
+    (loss, out), grads = nnx.jit(_loss_and_grads)(model, *batch)
+    return model, batch, (float(loss), np.asarray(out), jax.tree.map(np.asarray, nnx.state(grads)))
 
-    mesh = sharding.make_mesh(axes)
-    rules = sharding.DEFAULT_RULES
+
+@pytest.mark.parametrize("axes", [{"data": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_sharded_loss_and_grads_match_unsharded(unsharded_step, axes):
+    """Forward, loss and every gradient on 8 devices equal the 1-device values.
+
+    data=2, fsdp=2, tensor=2 used to swap batch rows 1 and 2 (an XLA SPMD partitioner
+    bug with fsdp-sharded ("mlp", "embed") kernels; see sharding.gather_for_compute).
+    """
+    model, batch, (ref_loss, ref_out, ref_grads) = unsharded_step
+    mesh, rules = sharding.make_mesh(axes), sharding.DEFAULT_RULES
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        model = dit.DiT(cfg, rngs=nnx.Rngs(0))
-        kernel = nnx.state(model)["blocks"]["fc1"]["kernel"][...]
-        assert kernel.sharding.spec == sharding.logical_to_spec(("layers", "embed", "mlp"), rules)
-        shardings = sharding.state_shardings(nnx.state(model), mesh)
-        leaves, tree = jax.tree.flatten(params)
-        placed = [jax.device_put(a, s) for a, s in zip(leaves, jax.tree.leaves(shardings))]
-        nnx.update(model, jax.tree.unflatten(tree, placed))
-        spec = sharding.logical_sharding(mesh, ("activation_batch",), rules)
-        args = [jax.device_put(a, spec) for a in batch]
-        out = fwd(model, *args)
-    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
+        # Place the reference values as the logical annotations say (as the train loop does).
+        shardings = jax.tree.leaves(sharding.state_shardings(nnx.state(model), mesh))
+        graphdef, state = nnx.split(model)
+        leaves, tree = jax.tree.flatten(state)
+        sharded = nnx.merge(graphdef, jax.tree.unflatten(tree, [jax.device_put(a, s) for a, s in zip(leaves, shardings)]))
+        kernel = nnx.state(sharded)["blocks"]["fc1"]["kernel"][...]
+        want = sharding.logical_sharding(mesh, ("layers", "embed", "mlp"), rules)
+        assert kernel.sharding.is_equivalent_to(want, kernel.ndim) and len(kernel.sharding.device_set) == 8
+        rows = sharding.logical_sharding(mesh, ("activation_batch",), rules)
+        (loss, out), grads = nnx.jit(_loss_and_grads)(sharded, *[jax.device_put(a, rows) for a in batch])
+    np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+    for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(nnx.state(grads))[0], jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_variants_and_errors():

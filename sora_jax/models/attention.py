@@ -19,22 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd as flax_spmd
 
 from sora_jax import sharding
-
-
-def constrain(x: jax.Array, names) -> jax.Array:
-    """Logical sharding constraint (no-op outside a mesh or without rules).
-
-    Works around sharding.constrain, which calls nnx.with_logical_constraint, absent
-    from flax 0.12.8: we resolve the names with the active rules ourselves.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = flax_spmd.get_logical_axis_rules()
-    if mesh is None or mesh.empty or not rules:
-        return x
-    return jax.lax.with_sharding_constraint(x, sharding.logical_to_spec(tuple(names), rules))
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -126,13 +112,15 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(sharding.partitioned(init, names)(rngs.params(), (in_features, *out_shape), param_dtype))
         self.bias = (nnx.Param(sharding.partitioned(nnx.initializers.zeros, names[1:])(None, out_shape, param_dtype))
                      if use_bias else None)
-        self.n_out, self.dtype = n_out, dtype
+        self.n_out, self.dtype, self.names = n_out, dtype, tuple(names)
 
     def __call__(self, x):
-        w = self.kernel[...].astype(self.dtype)
+        # Weights stored sharded over "fsdp" are gathered before the matmul (see
+        # sharding.gather_for_compute: FSDP, and the way round an XLA partitioner bug).
+        w = sharding.gather_for_compute(self.kernel[...], self.names).astype(self.dtype)
         y = jax.lax.dot_general(x.astype(self.dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + sharding.gather_for_compute(self.bias[...], self.names[1:]).astype(self.dtype)
         return y
 
 

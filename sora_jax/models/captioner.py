@@ -57,21 +57,6 @@ def captioner_config(variant: str = "S") -> ml_collections.ConfigDict:
         mlp_dim=mlp, vocab_size=8192, max_len=112, rope_theta=10000.0, dtype="float32", param_dtype="float32"))
 
 
-def _constrain(x: jax.Array, names) -> jax.Array:
-    """Logical sharding constraint; a no-op outside a mesh.
-
-    (sharding.constrain calls nnx.with_logical_constraint, which flax 0.12.8 lacks,
-    so it fails under a mesh; this is the same constraint spelled with what exists,
-    as sora_jax/train/state.py does.)
-    """
-    from flax.core import spmd
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, sharding.logical_to_spec(tuple(names), spmd.get_logical_axis_rules()))
-
-
 def _layer_norm(width, *, rngs, dtype, param_dtype):
     return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                          scale_init=sharding.partitioned(nnx.initializers.ones, ("norm",)),
@@ -93,7 +78,7 @@ class MLP(nnx.Module):
         self.fc2 = Dense(mlp, width, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        h = _constrain(jax.nn.gelu(self.fc1(x), approximate=True), ("activation_batch", None, "activation_mlp"))
+        h = sharding.constrain(jax.nn.gelu(self.fc1(x), approximate=True), ("activation_batch", None, "activation_mlp"))
         return self.fc2(h)
 
 
@@ -116,7 +101,7 @@ class EncoderBlock(nnx.Module):
         a = attend(q, k, v, None)
         x = x + self.out(a.reshape(*a.shape[:-2], -1))
         x = x + self.mlp(self.ln2(x))
-        return _constrain(x, BATCH_LEN_EMBED)
+        return sharding.constrain(x, BATCH_LEN_EMBED)
 
 
 class DecoderBlock(nnx.Module):
@@ -146,7 +131,7 @@ class DecoderBlock(nnx.Module):
         c = attend(self.cross_q(self.ln2(x)), cross_k, cross_v, None)
         x = x + self.cross_out(c.reshape(*c.shape[:-2], -1))
         x = x + self.mlp(self.ln3(x))
-        return _constrain(x, BATCH_TEXT_EMBED)
+        return sharding.constrain(x, BATCH_TEXT_EMBED)
 
     def __call__(self, x, causal_mask, cross_k, cross_v):
         q, k, v = jnp.moveaxis(self.qkv(self.ln1(x)), -3, 0)
@@ -194,7 +179,7 @@ class Captioner(nnx.Module):
             raise ValueError(f"captioner expects video (B, T, H, W, 3), got {video.shape}")
         video = pad_frames(video.astype(self.dtype), self.patch[0])
         grid = patches.grid_shape(video.shape[1:4], self.patch)
-        x = _constrain(self.patch_embed(patches.patchify(video, self.patch)), BATCH_LEN_EMBED)
+        x = sharding.constrain(self.patch_embed(patches.patchify(video, self.patch)), BATCH_LEN_EMBED)
         positions = jnp.asarray(patches.grid_positions(grid))[None]
         cos, sin = rope_angles(positions, self.head_dim, self.theta)
         for block in self.encoder:
@@ -213,7 +198,7 @@ class Captioner(nnx.Module):
         s = input_ids.shape[1]
         if s > self.max_len:
             raise ValueError(f"{s} text tokens but the captioner's max_len is {self.max_len}")
-        x = _constrain(self.embed(input_ids) + self.text_pos[:s].astype(self.dtype), BATCH_TEXT_EMBED)
+        x = sharding.constrain(self.embed(input_ids) + self.text_pos[:s].astype(self.dtype), BATCH_TEXT_EMBED)
         causal = jnp.tril(jnp.ones((s, s), bool))[None, None]
         for block, (k, v) in zip(self.decoder, self.video_kv(video_tokens)):
             x = block(x, causal, k, v)

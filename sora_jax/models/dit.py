@@ -33,7 +33,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sora_jax import sharding
-from sora_jax.models.attention import Dense, constrain, RMSNorm, apply_rope, attend, layer_norm, rope_angles, segment_mask
+from sora_jax.models.attention import Dense, RMSNorm, apply_rope, attend, layer_norm, rope_angles, segment_mask
 from sora_jax.models.text_encoder import TextEncoder
 
 # Named sizes: (width, depth, heads, mlp_dim). S..XL as in the DiT paper; the rest for CPU work.
@@ -146,7 +146,7 @@ class Block(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope, self.head_dim), apply_rope(k, *rope, self.head_dim)
-        q, k, v = (constrain(a, names_h) for a in (q, k, v))
+        q, k, v = (sharding.constrain(a, names_h) for a in (q, k, v))
         a = attend(q, k, v, self_mask)
         x = x + gate1 * self.proj(a.reshape(*a.shape[:-2], -1))
 
@@ -155,13 +155,13 @@ class Block(nnx.Module):
             k, v = jnp.moveaxis(checkpoint_name(self.cross_kv(ctx), "context_kv_proj"), -3, 0)
             if self.cross_q_norm is not None:
                 q, k = self.cross_q_norm(q), self.cross_k_norm(k)
-            a = attend(constrain(q, names_h), k, v, ctx_mask)
+            a = attend(sharding.constrain(q, names_h), k, v, ctx_mask)
             x = x + self.cross_proj(a.reshape(*a.shape[:-2], -1))
 
         hidden = jax.nn.gelu(self.fc1(modulate(layer_norm(x), shift2, scale2)), approximate=True)
-        hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        hidden = sharding.constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         x = x + gate2 * self.fc2(hidden)
-        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return sharding.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class DiT(nnx.Module):
@@ -249,7 +249,7 @@ class DiT(nnx.Module):
             valid = jnp.concatenate([jnp.ones(valid.shape[:-1] + (1,), bool), valid], -1)
         k, s1 = ctx.shape[1:3]
         slot = jnp.where(valid, jnp.arange(1, k + 1, dtype=jnp.int32)[:, None], 0)
-        ctx = constrain(ctx.reshape(b, k * s1, -1), ("activation_batch", "activation_text_length", "activation_embed"))
+        ctx = sharding.constrain(ctx.reshape(b, k * s1, -1), ("activation_batch", "activation_text_length", "activation_embed"))
         return ctx, slot.reshape(b, k * s1)
 
     # --- forward ----------------------------------------------------------------
@@ -267,7 +267,7 @@ class DiT(nnx.Module):
         if p != self.patch_dim:
             raise ValueError(f"tokens have size {p} but patch {tuple(cfg.patch)} x {cfg.latent_channels} channels = {self.patch_dim}")
         act = ("activation_batch", "activation_length", "activation_embed")
-        h = constrain(self.patch_embed(x), act)
+        h = sharding.constrain(self.patch_embed(x), act)
         c = self._condition(t, class_labels).astype(self.dtype)
         rope = rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
 
