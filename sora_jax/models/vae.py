@@ -155,13 +155,16 @@ class CausalConv3d(nnx.Module):
     and exact). Spatial stride 2 pads (0, 1) like Wan / SD so H -> H/2.
     """
 
-    def __init__(self, cin, cout, kernel=(3, 3, 3), *, stride=1, zero_init=False, impl="xla", rngs: nnx.Rngs):
+    def __init__(self, cin, cout, kernel=(3, 3, 3), *, stride=1, zero_init=False, impl="xla", out_axis="conv_out",
+                 rngs: nnx.Rngs):
+        # out_axis=None for tiny outputs (the 3 RGB channels): they cannot split over fsdp.
         self.kernel_size = tuple(kernel)
         self.impl = impl
         self.stride = stride
         init = nnx.initializers.zeros_init() if zero_init else _conv_init()
-        self.kernel = nnx.Param(sharding.partitioned(init, CONV_AXES)(rngs.params(), (*self.kernel_size, cin, cout)))
-        self.bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), ("conv_out",))(rngs.params(), (cout,)))
+        axes = CONV_AXES[:-1] + (out_axis,)
+        self.kernel = nnx.Param(sharding.partitioned(init, axes)(rngs.params(), (*self.kernel_size, cin, cout)))
+        self.bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), (out_axis,))(rngs.params(), (cout,)))
 
     def _spatial_pad(self):
         kh, kw = self.kernel_size[1:]
@@ -367,7 +370,7 @@ class Decoder(nnx.Module):
                 cin = cout // 2
         self.layers = nnx.List(layers)
         self.norm_out = RMSNorm(cin, rngs=rngs)
-        self.conv_out = CausalConv3d(cin, 3, impl=cfg.conv_impl, rngs=rngs)
+        self.conv_out = CausalConv3d(cin, 3, impl=cfg.conv_impl, out_axis=None, rngs=rngs)
 
     def __call__(self, z, cache=None):
         x = sharding.constrain(self.conv_in(self.post_quant(z), cache), ACT)
