@@ -65,5 +65,8 @@ def get_config(arg: str | None = None):
     config.train.checkpoint_every = config.train.eval_every
     if args.micro:
         data.num_train, data.num_eval = 32, 8
+    # EMA 0.999 lags a 1000-step run badly (measured: EMA eval loss 1.21 vs 0.48 for
+    # the raw parameters at step 1000); 0.99 averages over the last ~100 steps.
+    config.optim.ema_decay = 0.99 if config.optim.ema_decay else 0.0
     config.quickstart = True
     return config
