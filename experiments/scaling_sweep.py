@@ -136,10 +136,9 @@ def run_sweep(
 
 
 def load_config(arg: str):
-    spec = importlib.util.spec_from_file_location("_sora_configs_scaling", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from sora_jax import config_lib
+
+    return config_lib.load_config(f"{CONFIG_FILE}:{arg}")
 
 
 # --- pod launches --------------------------------------------------------------------

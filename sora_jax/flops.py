@@ -28,7 +28,6 @@ caption length is `config.flops.text_len`, else `config.model.text.max_len`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -185,16 +184,10 @@ def vae_flops(model_cfg, video_thw) -> dict:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """"configs/X.py:ARG" -> get_config("ARG")."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_sora_config", path)
-    if module_spec is None:
-        raise FileNotFoundError(f"--config: cannot load {path!r}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config(arg)")
-    return module.get_config(arg) if arg else module.get_config()
+    """"configs/X.py:ARG" -> get_config("ARG") (one loader for the whole project)."""
+    from sora_jax import config_lib
+
+    return config_lib.load_config(spec)
 
 
 def _thw(config, key: str, path: str):
