@@ -21,6 +21,7 @@ from absl import app, flags
 def cache(vae_workdir: str, out_dir: str, data_config=None, *, num_train: int = 0, num_eval: int = 0,
           batch_size: int = 8, progress: bool = True) -> dict:
     """Caches the train and eval splits; returns {split: meta}. Skips splits already cached."""
+    from sora_jax import jsonio
     from sora_jax.data import latent_cache
     from sora_jax.models.vae_api import VAEHandle
     from sora_jax.train.checkpoint import read_config
@@ -40,8 +41,7 @@ def cache(vae_workdir: str, out_dir: str, data_config=None, *, num_train: int = 
         meta = latent_cache.cache_latents(data_config, vae.encode, out_dir, split=split, num_examples=n,
                                           batch_size=batch_size, progress=progress)
         meta.update(vae_workdir=os.path.abspath(vae_workdir), requested=n)
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=1)
+        jsonio.write_json(meta_path, meta)  # atomic: resume trusts this file
         done[split] = meta
     return done
 

@@ -80,13 +80,9 @@ def training_captions(data_config, limit: int) -> Iterable[str]:
 
 
 def write_vocabulary(vocab: Mapping, workdir: str) -> str:
-    path = os.path.join(workdir, VOCAB_FILE)
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(vocab, f, indent=0)
-    os.replace(tmp, path)
-    return path
+    from sora_jax import jsonio
+
+    return jsonio.write_json(os.path.join(workdir, VOCAB_FILE), vocab, indent=0)
 
 
 def read_vocabulary(workdir: str) -> dict:

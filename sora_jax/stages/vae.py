@@ -252,12 +252,9 @@ def compute_latent_stats(model, batches, num_batches: int) -> dict:
 
 
 def write_latent_stats(stats: dict, workdir: str) -> str:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, STATS_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
+    from sora_jax import jsonio
+
+    return jsonio.write_json(os.path.join(workdir, STATS_FILE), stats)
 
 
 def read_latent_stats(workdir: str) -> dict:
