@@ -83,6 +83,51 @@ def test_importer_fps_resampling_and_max_frames(video_folder, tmp_path):
     assert rec["fps"] == 8.0 and rec["video"].shape[0] == 3  # 24 -> 8 fps keeps frames 0, 3, 6
 
 
+def write_gray_mkv(path, frames, fps):
+    """A lossless FFV1 .mkv stored as FFmpeg 'gray' (H.264 decoders report monochrome as yuv420p)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("ffv1", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "gray"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="gray")))
+        container.mux(stream.encode())
+
+
+def test_importer_reports_converted_videos(tmp_path):
+    """Resampled, cut, grayscale and alpha sources are listed under "converted"; a plain RGB video is not."""
+    from PIL import Image
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    video_io.write_video(str(videos / "fast.mp4"), moving_square(12, 32, 48, 0), fps=24.0)  # 24 -> 8 fps
+    video_io.write_video(str(videos / "plain.mp4"), moving_square(5, 32, 48, 1), fps=8.0)  # unchanged
+    video_io.write_video(str(videos / "long.mp4"), moving_square(9, 32, 32, 2), fps=8.0)  # cut to 6 frames
+    write_gray_mkv(videos / "gray.mkv", moving_square(5, 32, 32, 3)[..., 0], fps=8)
+    grays = [Image.fromarray(np.full((24, 24), 40 * i, np.uint8)) for i in range(4)]
+    grays[0].save(videos / "gray.gif", save_all=True, append_images=grays[1:], duration=125, loop=0)
+    clear = [Image.fromarray(np.dstack([np.full((24, 24, 3), 60 * i, np.uint8), np.full((24, 24, 1), 0, np.uint8)]),
+                             "RGBA") for i in range(3)]
+    clear[0].save(videos / "alpha.gif", save_all=True, append_images=clear[1:], duration=125, loop=0)
+    captions = tmp_path / "captions.jsonl"
+    names = ["fast.mp4", "plain.mp4", "long.mp4", "gray.mkv", "gray.gif", "alpha.gif"]
+    captions.write_text("".join(json.dumps({"file": n, "caption": f"clip {n}"}) + "\n" for n in names))
+    report = importer.import_videos(str(videos), str(captions), str(tmp_path / "out"), fps=8.0, max_frames=6,
+                                    progress=False)
+    assert report["imported"] == 6
+    converted = report["converted"]
+    assert set(converted) == {"fast.mp4", "long.mp4", "gray.mkv", "gray.gif", "alpha.gif"}
+    assert "24 fps -> 8 fps" in converted["fast.mp4"]
+    assert "kept the first 6 of 9 frames" in converted["long.mp4"]
+    assert "grayscale -> RGB" in converted["gray.mkv"] and "grayscale -> RGB" in converted["gray.gif"]
+    assert "alpha dropped" in converted["alpha.gif"]
+    assert json.load(open(tmp_path / "out" / "import_report.json"))["converted"] == converted
+    src = sources.ArrayRecordSource(str(tmp_path / "out"))
+    gray = next(src[i]["video"] for i in range(len(src)) if src[i]["source_file"] == "gray.mkv")
+    assert gray.shape == (5, 32, 32, 3) and np.array_equal(gray[..., 0], gray[..., 2])
+
+
 def test_captions_file_errors(tmp_path):
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"file": "a.mp4", "caption": "ok"}\n{"file": "b.mp4"}\n')

@@ -8,12 +8,15 @@ Captions file (one entry per video; the file name is relative to --videos):
   * csv with a header row: file,caption[,short_caption]
 Videos are kept at their native size (resizing happens in the training transforms);
 `--fps` resamples in time, `--max_frames` keeps the first N frames after that.
-Grayscale videos become RGB and alpha channels are dropped (counted in the report).
+Grayscale videos become RGB and alpha channels are dropped; every file changed beyond
+decoding (grayscale or alpha source, frame-rate resampling, frames cut) is listed
+under "converted" in the report with what was done.
 A file with no caption, a corrupt, truncated or empty video: an error naming the
 file (--on_error=raise, default) or a counted skip with its reason (--on_error=skip).
 
 Output: OUT/data-NNNNN.array_record (record format: data/sources.py) and
-OUT/import_report.json {imported, skipped: {file: reason}, converted, captions_without_video}.
+OUT/import_report.json {imported, skipped: {file: reason}, converted: {file: what changed},
+captions_without_video}.
 Train on it with `--config.data.source=arrayrecord --config.data.arrayrecord=OUT`.
 """
 
@@ -88,8 +91,56 @@ def resample(frames: np.ndarray, fps: float, target_fps: float) -> tuple[np.ndar
     return frames[idx], float(target_fps)
 
 
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def source_format_notes(path: str) -> list[str]:
+    """What decoding to RGB changes in this file's stored pixel format: grayscale, alpha.
+
+    `video_io.read_video` always returns RGB, so the stored format is read here from
+    the header (FFmpeg's pixel format, or Pillow's image mode and palette) without
+    decoding frames. Palette -> RGB is lossless and not noted; a palette of only
+    grays is noted as grayscale.
+    """
+    notes = []
+    if path.lower().endswith(".gif"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            gray = im.mode in _GRAY_MODES
+            if im.mode == "P" and im.palette is not None:
+                colours = np.frombuffer(im.palette.tobytes(), np.uint8)
+                if im.palette.mode == "RGB" and colours.size:
+                    colours = colours[: colours.size // 3 * 3].reshape(-1, 3)
+                    gray = bool(np.all(colours == colours[:, :1]))
+            alpha = "A" in im.mode or "transparency" in im.info
+    else:
+        import av
+
+        try:
+            with av.open(path) as container:
+                stream = container.streams.video[0]
+                fmt = av.VideoFormat(stream.codec_context.pix_fmt) if stream.codec_context.pix_fmt else None
+        except Exception:  # read_video has already decoded it; an unusual header only loses the note
+            return notes
+        if fmt is None:
+            return notes
+        colour = [c for c in fmt.components if not c.is_alpha]
+        gray = len(colour) == 1 and not fmt.has_palette
+        alpha = any(c.is_alpha for c in fmt.components)
+    if gray:
+        notes.append("grayscale -> RGB")
+    if alpha:
+        notes.append("alpha dropped")
+    return notes
+
+
 def load_video(path: str, *, target_fps: float, max_frames: int) -> tuple[np.ndarray, float, str]:
-    """(uint8 RGB (T, H, W, 3), fps, conversion note or "") of one file; DataError naming it."""
+    """(uint8 RGB (T, H, W, 3), fps, conversion note or "") of one file; DataError naming it.
+
+    The note lists every change beyond decoding, "; "-separated: a grayscale or alpha
+    source format, frame-rate resampling and frames cut by `max_frames`.
+    """
     from sora_jax.data import video_io
 
     try:
@@ -99,15 +150,16 @@ def load_video(path: str, *, target_fps: float, max_frames: int) -> tuple[np.nda
     frames = np.asarray(frames)
     if frames.ndim < 3 or frames.shape[0] == 0:
         raise sources.DataError(f"{path}: video has zero frames")
-    note = ""
-    channels = frames.shape[-1] if frames.ndim == 4 else 1
-    if channels in (1, 4):
-        note = "grayscale -> RGB" if channels == 1 else "alpha dropped"
+    notes = source_format_notes(path)
     frames = sources.to_rgb(frames, path)
-    frames, fps = resample(frames, float(fps or 0.0), target_fps)
-    if max_frames > 0:
+    source_fps, source_frames = float(fps or 0.0), frames.shape[0]
+    frames, fps = resample(frames, source_fps, target_fps)
+    if fps != source_fps:
+        notes.append(f"{source_fps:g} fps -> {fps:g} fps ({source_frames} -> {frames.shape[0]} frames)")
+    if 0 < max_frames < frames.shape[0]:
+        notes.append(f"kept the first {max_frames} of {frames.shape[0]} frames")
         frames = frames[:max_frames]
-    return np.ascontiguousarray(frames), fps, note
+    return np.ascontiguousarray(frames), fps, "; ".join(notes)
 
 
 def import_videos(videos: str, captions: str, out: str, *, fps: float = 0.0, max_frames: int = 0,
@@ -181,8 +233,11 @@ def main(argv=None) -> int:
           f"at {args.out}; skipped {len(report['skipped'])}")
     for name, reason in report["skipped"].items():
         print(f"  skipped {name}: {reason}")
-    for name, note in report["converted"].items():
-        print(f"  converted {name}: {note}")
+    converted = list(report["converted"].items())
+    if converted:
+        print(f"  converted {len(converted)} videos (all listed in the report), e.g.")
+        for name, note in converted[:5]:
+            print(f"    {name}: {note}")
     if report["captions_without_video"]:
         print(f"  {len(report['captions_without_video'])} captions name no video file, e.g. "
               f"{report['captions_without_video'][0]}")
