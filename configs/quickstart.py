@@ -20,7 +20,7 @@ from sora_jax import config_lib
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Steps chosen so the whole pipeline fits ~20 minutes on a 2-core CPU (README).
-QUICK_STEPS = {"vae": 500, "dit": 1000}
+QUICK_STEPS = {"vae": 1000, "dit": 1000}
 MICRO_STEPS = {"vae": 4, "dit": 4}
 
 # The world both stages see: toy-world videos of up to 17 frames in a 48x48 pixel budget.
@@ -38,27 +38,14 @@ def get_config(arg: str | None = None):
     else:
         config = config_lib.load_config(f"{_HERE}/dit.py:{variant},latents={args.latents},vae={args.vae}")
     data = config.data
-    if not args.micro:
+    if not args.micro and stage == "dit":
+        # The VAE (configs/vae.py "quick") trains on short square clips and encodes any
+        # size; the DiT, where native size matters (framing), sees the full native mix.
         data.pixels = data.toy.pixel_budget = PIXELS
-        data.toy.max_frames = FRAMES
-        data.frames = FRAMES
-        if stage == "vae":
-            # The VAE is fully convolutional and causal, so it learns from short clips of
-            # small square scenes and then encodes every aspect ratio and length (as Wan
-            # and Open-Sora train their VAEs on fixed crops). Native buckets would compile
-            # the train step once per (T, H, W) bucket (~18 compiles of ~25 s on 2 cores),
-            # and 9-frame 48x48 clips cost ~6e10 FLOPs a step, too slow for the budget.
-            # The DiT, where native size matters (framing), sees the full native mix.
-            data.frames = data.toy.max_frames = 5
-            data.pixels = data.toy.pixel_budget = 32 * 32
-            data.toy.aspect_ratios = ["1:1"]
-            # The per-tap conv runs ~1.3x faster but compiles ~2.5x slower: at a few
-            # hundred steps, compile time dominates.
-            config.model.conv_impl = "xla"
-        else:
-            # ~45 latent tokens per clip: rows of 256 tokens hold ~5-6 clips.
-            data.row_len, data.max_slots, data.batch_size = 256, 8, 8
-            data.num_train = 2048  # latents cached once; ~2 min of encoding on 2 cores
+        data.frames = data.toy.max_frames = FRAMES
+        # ~45 latent tokens per clip: rows of 256 tokens hold ~5-6 clips.
+        data.row_len, data.max_slots, data.batch_size = 256, 8, 8
+        data.num_train = 2048  # latents cached once; ~2 min of encoding on 2 cores
     steps = args.steps or (MICRO_STEPS if args.micro else QUICK_STEPS)[stage]
     config.train.steps = steps
     config.train.eval_every = max(1, steps // 4)
