@@ -64,3 +64,27 @@ def test_short_training_run_lowers_loss(tmp_path):
     np.testing.assert_allclose(np.asarray(z) * np.asarray(stats["std"]) + np.asarray(stats["mean"]), raw, atol=1e-3)
     out = handle.decode(z)
     assert out.shape == (t, h, w, 3) and handle.pixel_shape(*z.shape[:3]) == out.shape
+
+
+def test_native_size_eval_scores_images_and_videos_at_their_own_shapes(tmp_path):
+    import pytest
+
+    config = _config()
+    config.vae.native_eval = dict(pixels=32 * 32, frames=5, num_eval=8,
+                                  toy=dict(aspect_ratios=["16:9", "1:1"], max_frames=5, pixel_budget=32 * 32,
+                                           image_prob=0.5))
+    config.vae.native_eval_batches = 8
+    stage = vae_stage.VAEStage(config)
+    native = stage.native_eval_config()
+    assert native.data.toy.aspect_ratios == ["16:9", "1:1"] and config.data.toy.aspect_ratios == ["1:1"]
+    with nnx.use_eager_sharding(False):
+        model = stage.create_model(nnx.Rngs(0))
+    scores = stage._native_scores(model)
+    shapes = {tuple(s) for d in scores.values() for s in d["shapes"]}
+    assert scores["image"]["psnr"] and scores["video"]["psnr"], scores
+    assert len({(h, w) for _, h, w in shapes}) == 2, shapes  # both aspect ratios, not squares only
+    assert all(np.isfinite(scores[k]["psnr"]).all() for k in scores)
+
+    config.vae.native_eval = dict(toy=dict(aspect_ratio=["1:1"]))  # misspelt field
+    with pytest.raises(ValueError, match="aspect_ratio"):
+        vae_stage.VAEStage(config).native_eval_config()
