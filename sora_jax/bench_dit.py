@@ -33,7 +33,7 @@ from sora_jax.models.patches import grid_positions
 PEER_SCRIPT = "/work/shared/bench/run_peer.sh"
 
 
-def bench_config(scan_layers: bool = False):
+def bench_config(scan_layers: bool = True):
     cfg = dit.dit_config("bench-small")
     cfg.text.encoder = "precomputed"
     cfg.text.emb_dim = 512
@@ -80,13 +80,15 @@ def run(args=None) -> dict:
         ap.add_argument("--batch", type=int, default=4)
         ap.add_argument("--peer", action="store_true", help="also time the peer (run_peer.sh dit) in this run")
         ap.add_argument("--per_token_time", action="store_true", help="t of shape [B, L] instead of [B]")
-        ap.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
+        # Scan is the default: unrolled, XLA:CPU fuses the residual stream's gradient (summed over
+        # all later layers) into every weight-gradient transpose and recomputes it per use.
+        ap.add_argument("--unroll", action="store_true", help="unrolled layers instead of jax.lax.scan (slower on CPU)")
         args = ap.parse_args(list(args or []))
     steps = getattr(args, "steps", 5)
     batch_size = getattr(args, "batch", 4)
     per_token = getattr(args, "per_token_time", False)
 
-    cfg = bench_config(scan_layers=getattr(args, "scan", False))
+    cfg = bench_config(scan_layers=not getattr(args, "unroll", False))
     model = dit.create_dit(cfg)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.0)
