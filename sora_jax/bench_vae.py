@@ -55,7 +55,8 @@ def run(args: list[str]) -> dict:
     from sora_jax.models import vae as vae_lib
 
     cfg = vae_lib.vae_config(dict(base_width=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2,
-                                  latent_channels=16, temporal_compression=4, mid_attention=True, conv_impl=opts.impl))
+                                  latent_channels=16, temporal_compression=4, mid_attention=True, conv_impl=opts.impl,
+                                  patch_shortcut=False))  # the peer's architecture (the shortcut adds 0.4% params)
     with nnx.use_eager_sharding(False):
         model = vae_lib.CausalVAE(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)

@@ -130,8 +130,12 @@ def test_flops_match_cost_analysis(model):
 
 
 def test_vae_small_matches_wan_parameter_count():
-    # The bench config has exactly the parameters of diffusers' AutoencoderKLWan(base_dim=32, ...).
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: vae.CausalVAE({}, rngs=nnx.Rngs(0)))
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-    assert n == 10_127_667
+    # The bench config has exactly the parameters of diffusers' AutoencoderKLWan(base_dim=32, ...);
+    # the patch shortcut adds (4*8*8*3) x 32 (encoder) + 16 x 768 + 768 (decoder).
+    def count(**kw):
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(lambda: vae.CausalVAE(kw, rngs=nnx.Rngs(0)))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+    assert count(patch_shortcut=False) == 10_127_667
+    assert count() == 10_127_667 + 768 * 32 + 16 * 768 + 768

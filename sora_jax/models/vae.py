@@ -51,6 +51,7 @@ class VAEConfig:
     temporal_compression: int = 4
     mid_attention: bool = True
     conv_impl: str = "taps"  # "taps" (sum of per-tap matmuls) | "xla" (lax.conv_general_dilated)
+    patch_shortcut: bool = True  # linear (4x8x8 patch <-> latent cell) paths around both networks
     logvar_clip: tuple[float, float] = (-30.0, 20.0)
 
     @property
@@ -379,6 +380,50 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.norm_out(x)), cache)
 
 
+class PatchShortcut(nnx.Module):
+    """Linear maps between a (tc, sc, sc) pixel patch and its latent cell, around the deep nets.
+
+    Why: the deep encoder/decoder start far from even a linear code, and on the toy
+    world the first quickstart VAE stayed below an 8x8 average-pool baseline for
+    hundreds of steps. With these paths the VAE starts as a learnt linear patch
+    autoencoder (in the spirit of DC-AE's space-to-channel residual shortcuts) and the
+    deep networks learn what the linear code misses. Both are causal strided 3D convs
+    (kernel = stride = (tc, sc, sc)): latent frame j sees pixel frames 4j-3..4j, frame 0
+    sees zeros before itself exactly as the causal convolutions do, so chunking holds.
+    """
+
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+        self.tc, self.sc = cfg.temporal_compression, cfg.spatial_compression
+        patch = self.tc * self.sc * self.sc * 3
+        c = cfg.latent_channels
+        kin = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.enc_kernel = nnx.Param(sharding.partitioned(kin, ("conv_in", "conv_out"))(rngs.params(), (patch, 2 * c)))
+        self.dec_kernel = nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), ("conv_in", "conv_out"))(
+            rngs.params(), (c, patch)))
+        self.dec_bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), ("conv_out",))(
+            rngs.params(), (patch,)))
+
+    def encode(self, x: jax.Array, first: bool) -> jax.Array:
+        """(B, T, H, W, 3) -> (B, T', H/sc, W/sc, 2C); `first`: x starts at frame 0 of the video."""
+        tc, sc = self.tc, self.sc
+        if first:  # frame 0 is a group of its own: pad it with the zeros the causal convs see
+            x = jnp.concatenate([jnp.zeros((x.shape[0], tc - 1) + x.shape[2:], x.dtype), x], axis=1)
+        b, t, h, w, ch = x.shape
+        x = x.reshape(b, t // tc, tc, h // sc, sc, w // sc, sc, ch).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+        x = x.reshape(b, t // tc, h // sc, w // sc, tc * sc * sc * ch)
+        _add_flops(2 * x.size * self.enc_kernel.shape[1])
+        return x @ self.enc_kernel[...].astype(x.dtype)
+
+    def decode(self, z: jax.Array, first: bool) -> jax.Array:
+        """(B, T', h, w, C) -> (B, T, h*sc, w*sc, 3); the inverse layout of `encode`."""
+        tc, sc = self.tc, self.sc
+        b, t, h, w, _ = z.shape
+        y = z @ self.dec_kernel[...].astype(z.dtype) + self.dec_bias[...].astype(z.dtype)
+        _add_flops(2 * z.size * self.dec_kernel.shape[1])
+        y = y.reshape(b, t, h, w, tc, sc, sc, 3).transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t * tc, h * sc, w * sc, 3)
+        return y[:, tc - 1:] if first else y
+
+
 class CausalVAE(nnx.Module):
     """encode(video [B,T,H,W,3] in [-1,1]) -> (mean, logvar); decode(z) -> video."""
 
@@ -386,16 +431,24 @@ class CausalVAE(nnx.Module):
         self.cfg = vae_config(cfg)
         self.encoder = Encoder(self.cfg, rngs=rngs)
         self.decoder = Decoder(self.cfg, rngs=rngs)
+        self.shortcut = PatchShortcut(self.cfg, rngs=rngs) if self.cfg.patch_shortcut else None
 
     def encode(self, video: jax.Array, cache: CausalCache | None = None):
         if cache is None:
             check_video_shape(*video.shape[1:4], self.cfg)
-        moments = self.encoder(sharding.constrain(video, ACT), cache)
+        video = sharding.constrain(video, ACT)
+        moments = self.encoder(video, cache)
+        if self.shortcut is not None:
+            moments = moments + self.shortcut.encode(video, first=cache is None or cache.first)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, *self.cfg.logvar_clip)
 
     def decode(self, z: jax.Array, cache: CausalCache | None = None) -> jax.Array:
-        return self.decoder(sharding.constrain(z, ACT), cache)
+        z = sharding.constrain(z, ACT)
+        video = self.decoder(z, cache)
+        if self.shortcut is not None:
+            video = video + self.shortcut.decode(z, first=cache is None or cache.first)
+        return video
 
     def __call__(self, video: jax.Array, key: jax.Array | None = None):
         """Reconstruction, mean, logvar; samples the posterior when a key is given."""
