@@ -1,13 +1,15 @@
 """Encode a data set once with a trained VAE, so the DiT trains on latents (never pixels).
 
   python -m sora_jax.cache_latents --vae_workdir=W/vae --out=W/latents [--config=configs/X.py:ARG]
-      [--num_train=N] [--num_eval=N]
+      [--num_train=N] [--num_eval=N] [--batch_size=8]
 
 By default the pixels come from the VAE run's own `config.data` (same source,
 resolution policy and frame count it was trained on); `--config` takes the data
 section of another config instead, e.g. to cache a user's imported videos with
 a VAE trained on the toy world. Latents are normalised with the VAE's
-latent_stats.json. Output layout and record format: sora_jax/data/latent_cache.py.
+latent_stats.json. Examples of one (T, H, W) are encoded `--batch_size` at a time,
+so each shape compiles once (sora_jax/data/latent_cache.py: batching, output layout
+and record format).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory for the latent shards.
 _CONFIG = flags.DEFINE_string("config", None, "Optional config file[:arg] whose config.data gives the pixels.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 0, "Train examples to cache (0 = all of the split).")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 0, "Eval examples to cache (0 = all of the split).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Clips of one shape per encoder call (one compile per shape).")
 
 
 def main(argv):
@@ -60,10 +63,12 @@ def main(argv):
         from sora_jax import config_lib
 
         data_config = config_lib.load_config(_CONFIG.value).data
-    metas = cache(_VAE.value, _OUT.value, data_config, num_train=_NUM_TRAIN.value, num_eval=_NUM_EVAL.value)
+    metas = cache(_VAE.value, _OUT.value, data_config, num_train=_NUM_TRAIN.value, num_eval=_NUM_EVAL.value,
+                  batch_size=_BATCH_SIZE.value)
     for split, meta in metas.items():
         print(f"[sora_jax] {split}: {meta['num_examples']} latents in {os.path.join(_OUT.value, split)}; "
-              f"shapes {meta['latent_shapes']}; skipped {sum(meta['skipped'].values())}")
+              f"shapes {meta['latent_shapes']}; skipped {sum(meta['skipped'].values())}; "
+              f"{meta.get('encode_calls', '?')} encoder calls")
 
 
 if __name__ == "__main__":
