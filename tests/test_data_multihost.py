@@ -23,11 +23,19 @@ def test_process_shards_are_disjoint_and_cover_the_split():
         seen.append({int(i) for b in batches for i in b["index"] if i >= 0})
     assert all(s for s in seen) and not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
     assert set().union(*seen) == set(range(24, 28))
-    # Train: each process's infinite stream stays within its own slice.
-    firsts = [{int(i) for _ in range(4) for i in next(it)["index"] if i >= 0}
-              for it in (pipeline.pixel_batches(c, "train", seed=0, process_index=p, process_count=2) for p in range(2))]
-    assert not firsts[0] & firsts[1]
-    assert all(i % 2 == 0 for i in firsts[0]) and all(i % 2 == 1 for i in firsts[1])
+    # Train: each process's infinite stream stays within its own share of the split:
+    # p::n with the greedy policy, the examples of each shape dealt round-robin with
+    # the shared schedule (the default with several processes).
+    from sora_jax.data import bucket_schedule, sources
+
+    split = sources.make_source(c, "train")
+    dealt = bucket_schedule.deal(bucket_schedule.pixel_keys(c, split, range(len(split))), 2)
+    for schedule, shares in (("greedy", [range(0, 24, 2), range(1, 24, 2)]), ("auto", dealt)):
+        c.bucket_schedule = schedule
+        firsts = [{int(i) for _ in range(4) for i in next(it)["index"] if i >= 0} for it in
+                  (pipeline.pixel_batches(c, "train", seed=0, process_index=p, process_count=2) for p in range(2))]
+        assert not firsts[0] & firsts[1] and firsts[0] and firsts[1]
+        assert firsts[0] <= set(shares[0]) and firsts[1] <= set(shares[1]), schedule
 
 
 def test_global_batch_sharding_on_8_devices():

@@ -15,8 +15,13 @@ Both work on any example that has `tokens` (N, D) and a `grid` (gt, gh, gw): lat
 patchified with models/patches.py, or pixels patchified with a pixel patch
 (`pixel_tokens`). `BatchingIterDataset` runs a policy over a random-access grain
 dataset with a lookahead buffer whose state (read position + ordinals still in the
-buffer) is checkpointable: a restored iterator refetches the buffered examples
-and continues with exactly the next batch.
+buffer + the policy's counters) is checkpointable: a restored iterator refetches the
+buffered examples and continues with exactly the next batch.
+
+Several processes each batch their own slice of the data. `BucketPolicy` (greedy)
+lets each process pick its buckets, so processes can hold different shapes at the
+same step; data/bucket_schedule.py fixes the bucket of every step in advance,
+identically on every process, with no communication.
 """
 
 from __future__ import annotations
@@ -236,8 +241,10 @@ class BatchingIterDataset(grain.IterDataset):
 
     Examples are read in order (ordinal 0, 1, 2, ...) by `read_threads` threads
     ahead of use; `None` elements (skipped bad records) are dropped. The state is
-    {"next": next ordinal to read, "buffer": ordinals waiting in the buffer}, so a
-    restored iterator rebuilds the same buffer and yields exactly the next batch.
+    {"next": next ordinal to read, "buffer": ordinals waiting in the buffer,
+    "skipped", and "policy": the counters of a policy that keeps some (its
+    `initial_state()`)}, so a restored iterator rebuilds the same buffer and yields
+    exactly the next batch.
     """
 
     def __init__(self, parent: grain.MapDataset, policy, read_threads: int = 2):
@@ -261,6 +268,7 @@ class _BatchingIterator(grain.DatasetIterator):
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads) if self._threads > 1 else None
         self._futures: dict[int, concurrent.futures.Future] = {}
         self.num_skipped = 0
+        self._policy_state = policy.initial_state() if hasattr(policy, "initial_state") else None
 
     def _read(self, ordinal: int):
         if self._pool is None:
@@ -285,14 +293,20 @@ class _BatchingIterator(grain.DatasetIterator):
         return True
 
     def __next__(self):
-        batch = self._policy.take(self._buffer, self._fill)
+        if self._policy_state is None:
+            batch = self._policy.take(self._buffer, self._fill)
+        else:
+            batch = self._policy.take(self._buffer, self._fill, self._policy_state)
         if batch is None:
             raise StopIteration
         return batch
 
     def get_state(self) -> dict:
-        return {"next": int(self._next), "buffer": [int(o) for o, _ in self._buffer],
-                "skipped": int(self.num_skipped)}
+        state = {"next": int(self._next), "buffer": [int(o) for o, _ in self._buffer],
+                 "skipped": int(self.num_skipped)}
+        if self._policy_state is not None:
+            state["policy"] = {k: int(v) for k, v in self._policy_state.items()}
+        return state
 
     def set_state(self, state: dict) -> None:
         for future in self._futures.values():
@@ -300,6 +314,12 @@ class _BatchingIterator(grain.DatasetIterator):
         self._futures = {}
         self._next = int(state["next"])
         self.num_skipped = int(state.get("skipped", 0))
+        if self._policy_state is not None:
+            if "policy" not in state:
+                raise ValueError(f"data iterator state {sorted(state)} has no 'policy' entry: it was saved with "
+                                 f"another batching policy than {type(self._policy).__name__} "
+                                 f"(config.data.bucket_schedule changed?)")
+            self._policy_state = {k: int(v) for k, v in state["policy"].items()}
         self._buffer = []
         for ordinal in state["buffer"]:
             example = self._ds[int(ordinal)]
@@ -310,3 +330,4 @@ class _BatchingIterator(grain.DatasetIterator):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         super().close()
+

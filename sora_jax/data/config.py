@@ -62,6 +62,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_slots = 16  # pack: examples per row at most
     c.pack_lookahead = 64  # pack: examples held to choose from (bigger = fuller rows)
     c.bucket_lookahead = 256  # bucket: examples held before a partial bucket is flushed
+    # Pixel buckets with several processes: "shared" fixes the (T,H,W) of every step on all
+    # processes alike (data/bucket_schedule.py); "greedy" lets each process pick (one process
+    # only: shapes would differ across processes); "auto" = shared when process_count > 1.
+    c.bucket_schedule = "auto"
+    c.bucket_schedule_examples = 4096  # shared: examples whose shapes set the schedule (0 or >= split: all)
 
     # --- robustness and speed ------------------------------------------------------
     c.on_error = "raise"  # "raise" | "skip": a bad record is an error, or counted and logged

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from sora_jax import sharding
-from sora_jax.data import batching, sources, transforms
+from sora_jax.data import batching, bucket_schedule, sources, transforms
 from sora_jax.data.tokenizer import HashTokenizer
 
 
@@ -45,11 +45,16 @@ class _SkippingSource:
         return self._get(i)
 
 
-def _examples(data, source, split: str, seed: int, process_index: int, process_count: int, fn) -> grain.MapDataset:
+def _examples(data, source, split: str, seed: int, process_index: int, process_count: int, fn,
+              share: Sequence[int] | None = None) -> grain.MapDataset:
+    """This process's examples: `share` (split indices) or, by default, process_index::process_count."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if share is not None:
+        source = sources.IndexedSource(source, share)
     ds = grain.MapDataset.source(_SkippingSource(source, data.on_error))
-    ds = ds[process_index::process_count]
+    if share is None:
+        ds = ds[process_index::process_count]
     if len(ds) == 0:
         raise sources.DataError(f"process {process_index}/{process_count} has no {split} examples in {source!r}")
     if split == "train":
@@ -88,13 +93,36 @@ def pixel_dataset(config, split: str, *, seed: int | None = None, process_index:
                   process_count: int = 1, batch_multiple: int = 1) -> grain.IterDataset:
     data, seed = _data_and_seed(config, seed)
     transform = transforms.VideoTransform(data, train=split == "train")
-    ds = _examples(data, sources.make_source(data, split), split, seed, process_index, process_count, transform)
-    tokens_fn = lambda ex: batching.num_tokens(batching.latent_grid(ex["video"].shape[:3], data.vae_stride, data.patch))
-    policy = batching.BucketPolicy(
-        key_fn=lambda ex: ex["video"].shape, tokens_fn=tokens_fn, tokens_per_batch=tokens_per_batch(data),
-        max_batch_size=data.max_batch_size, lookahead=data.bucket_lookahead, finish=batching.stack_bucket,
-        batch_multiple=batch_multiple)
-    return _finalise(batching.BatchingIterDataset(ds, policy, data.read_threads), data)
+    source = sources.make_source(data, split)
+    tokens_of = lambda thw: batching.num_tokens(batching.latent_grid(thw, data.vae_stride, data.patch))
+    key_fn = lambda ex: ex["video"].shape
+    if bucket_schedule.mode(data, process_count) == "greedy":
+        ds = _examples(data, source, split, seed, process_index, process_count, transform)
+        policy = batching.BucketPolicy(
+            key_fn=key_fn, tokens_fn=lambda ex: tokens_of(ex["video"].shape[:3]),
+            tokens_per_batch=tokens_per_batch(data), max_batch_size=data.max_batch_size,
+            lookahead=data.bucket_lookahead, finish=batching.stack_bucket, batch_multiple=batch_multiple)
+        return _finalise(batching.BatchingIterDataset(ds, policy, data.read_threads), data)
+    # Shared schedule (data/bucket_schedule.py): the same (T, H, W) and batch size on every process.
+    size_of = lambda key: batching.bucket_batch_size(tokens_of(key[:3]), tokens_per_batch(data),
+                                                     data.max_batch_size, batch_multiple)
+    blank = lambda key: {"video": np.zeros(key, np.float32), "text_ids": np.zeros(data.text_len, np.int32),
+                         "index": np.int64(-1)}
+    counted = (range(len(source)) if split != "train" else
+               bucket_schedule.sample_indices(len(source), int(data.bucket_schedule_examples), seed))
+    keys = bucket_schedule.pixel_keys(data, source, counted)
+    shares = bucket_schedule.deal(keys, process_count) if len(keys) == len(source) else None
+    ds = _examples(data, source, split, seed, process_index, process_count, transform,
+                   share=None if shares is None else shares[process_index])
+    if split == "train":
+        out = bucket_schedule.train_dataset(
+            ds, keys, shares, len(source), process_count, seed, size_of, key_fn=key_fn, blank=blank,
+            finish=batching.stack_bucket, lookahead=data.bucket_lookahead, read_threads=data.read_threads)
+    else:
+        sizes = {k: size_of(k) for k in set(keys) if k is not None}
+        plan = bucket_schedule.finite_plan(keys, shares, sizes, process_index)
+        out = bucket_schedule.PlannedIterDataset(ds, plan, batching.stack_bucket, blank, data.read_threads)
+    return _finalise(out, data)
 
 
 def pixel_batches(config, split: str = "train", *, seed: int | None = None, process_index: int = 0,
@@ -103,7 +131,9 @@ def pixel_batches(config, split: str = "train", *, seed: int | None = None, proc
 
     B varies by bucket (constant tokens per batch) and is a multiple of `batch_multiple`
     (pass the number of local data shards). Rows that only fill a short bucket repeat
-    an example of the batch and carry index -1.
+    an example of the batch and carry index -1. With `config.data.bucket_schedule`
+    "shared" (the default "auto" with several processes) every process emits the same
+    (T, H, W) and B at every step (data/bucket_schedule.py).
     """
     return iter(pixel_dataset(config, split, seed=seed, process_index=process_index,
                               process_count=process_count, batch_multiple=batch_multiple))
