@@ -1,7 +1,7 @@
 """Encode a data set once with a trained VAE, so the DiT trains on latents (never pixels).
 
   python -m sora_jax.cache_latents --vae_workdir=W/vae --out=W/latents [--config=configs/X.py:ARG]
-      [--num_train=N] [--num_eval=N] [--batch_size=8]
+      [--num_train=N] [--num_eval=N] [--batch_size=N]
 
 By default the pixels come from the VAE run's own `config.data` (same source,
 resolution policy and frame count it was trained on); `--config` takes the data
@@ -9,7 +9,9 @@ section of another config instead, e.g. to cache a user's imported videos with
 a VAE trained on the toy world. Latents are normalised with the VAE's
 latent_stats.json. Examples of one (T, H, W) are encoded `--batch_size` at a time,
 so each shape compiles once (sora_jax/data/latent_cache.py: batching, output layout
-and record format).
+and record format). The default batch size is 4 on CPU, where the encoder's cost
+grows with every row, so the repeats that fill partial buckets are not free
+(measured: 4 beat 8 by ~9% on 2 cores), and 8 on accelerators.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from absl import app, flags
 
 
 def cache(vae_workdir: str, out_dir: str, data_config=None, *, num_train: int = 0, num_eval: int = 0,
-          batch_size: int = 8, progress: bool = True) -> dict:
-    """Caches the train and eval splits; returns {split: meta}. Skips splits already cached."""
+          batch_size: int = 0, progress: bool = True) -> dict:
+    """Caches the train and eval splits; returns {split: meta}. Skips splits already cached.
+
+    `batch_size` 0 = 4 on CPU, 8 on an accelerator (module doc).
+    """
+    import jax
+
     from sora_jax import jsonio
     from sora_jax.data import latent_cache
     from sora_jax.models.vae_api import VAEHandle
@@ -31,6 +38,7 @@ def cache(vae_workdir: str, out_dir: str, data_config=None, *, num_train: int = 
     if data_config is None:
         data_config = read_config(vae_workdir).data
     vae = VAEHandle.from_workdir(vae_workdir)
+    batch_size = batch_size or (4 if jax.default_backend() == "cpu" else 8)
     done = {}
     for split, n in (("train", num_train), ("eval", num_eval)):
         meta_path = os.path.join(out_dir, split, "meta.json")
@@ -53,7 +61,8 @@ _OUT = flags.DEFINE_string("out", None, "Output directory for the latent shards.
 _CONFIG = flags.DEFINE_string("config", None, "Optional config file[:arg] whose config.data gives the pixels.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 0, "Train examples to cache (0 = all of the split).")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 0, "Eval examples to cache (0 = all of the split).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Clips of one shape per encoder call (one compile per shape).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Clips of one shape per encoder call (one compile per shape); "
+                                   "0 = 4 on CPU, 8 on an accelerator.")
 
 
 def main(argv):
