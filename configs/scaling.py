@@ -26,7 +26,7 @@ Presets:
   micro  CI: configs/dit.py "micro" data/text; base width 64 (4 heads of 16), depth 2,
          6 base steps. Seconds per point plus start-up and compile.
   cpu    this 2-core machine: configs/dit.py "quick" data/text; base width 96 (3 heads
-         of 32), depth 3, batch 4 rows of 256 tokens, 300 base steps, sized so that base,
+         of 32), depth 3, batch 4 rows of 256 tokens, 400 base steps, sized so that base,
          4x and 16x together take about an hour (docs/scaling.md has the arithmetic).
   pod    TPU v5p / H100: configs/dit.py "bench-small" data (precomputed text
          embeddings, 128x128 px, 17 frames); base = DiT-S (width 384, depth 12, 6 heads
@@ -56,7 +56,7 @@ PRESETS = {
         precision="float32",
     ),
     "cpu": dict(
-        dit_variant="quick", shape=scaling.Shape(depth=3, heads=3, head_dim=32, mlp_ratio=4.0), base_steps=300,
+        dit_variant="quick", shape=scaling.Shape(depth=3, heads=3, head_dim=32, mlp_ratio=4.0), base_steps=400,
         evals=6, ema=0.0, lr=1e-3, warmup_frac=0.05,
         data=dict(batch_size=4, row_len=256), flops_latent_thw=(5, 8, 8), mesh=dict(data=-1),
         precision="float32",
