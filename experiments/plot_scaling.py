@@ -275,8 +275,11 @@ def rendered_samples(workdir: str, out_name: str = "grid_samples") -> tuple[dict
     return dict(jobs=settings, prompts=[j["prompt"] for j in jobs]), videos
 
 
-def sample_grid(rows: Sequence[Mapping], root: str, out_dir: str, fps: float = 8.0, source: str = "final") -> list[str]:
+def sample_grid(rows: Sequence[Mapping], root: str, out_dir: str, fps: float = 8.0, source: str = "final",
+                scale: int = 1) -> list[str]:
     """One video: a column per sweep point (by compute), a row per prompt, same prompts and seeds.
+
+    scale: nearest-neighbour upscaling of every cell (toy-scale samples are ~48 px).
 
     source "final": the samples the DiT stage wrote after each point's last step (config.samples,
     shared by configs/scaling.py); "rendered": those of render_samples. Every point must have
@@ -299,6 +302,9 @@ def sample_grid(rows: Sequence[Mapping], root: str, out_dir: str, fps: float = 8
         if {k: meta.get(k) for k in keys} != reference:
             raise ValueError(f"point {row['point']} sampled with {({k: meta.get(k) for k in keys})}, "
                              f"not {reference}: the grid needs the same prompts and seeds everywhere")
+    if scale < 1:
+        raise ValueError(f"sample_grid: scale must be >= 1, got {scale}")
+    columns = [[np.repeat(np.repeat(v, scale, 1), scale, 2) for v in col] for col in columns]
     all_videos = [v for col in columns for v in col]
     t = max(v.shape[0] for v in all_videos)
     h = max(v.shape[1] for v in all_videos)
@@ -335,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", action="store_true",
                         help="also write samples_grid.{mp4,gif,png}: every point's final samples side by side")
+    parser.add_argument("--grid_scale", type=int, default=3, help="nearest-neighbour upscaling of the grid's cells")
     parser.add_argument("--render_prompts", default="",
                         help="'|'-separated prompts: render them with every point (python -m sora_jax.sample) "
                              "and grid those instead of the stage's own final samples")
@@ -350,9 +357,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         render_samples(rows, results_dir, [p.strip() for p in args.render_prompts.split("|") if p.strip()],
                        [int(x) for x in args.render_seeds.split(",") if x.strip()], shlex.split(args.sample_args))
-        written["samples_grid"] = sample_grid(rows, results_dir, out, source="rendered")
+        written["samples_grid"] = sample_grid(rows, results_dir, out, source="rendered", scale=args.grid_scale)
     elif args.grid:
-        written["samples_grid"] = sample_grid(rows, results_dir, out)
+        written["samples_grid"] = sample_grid(rows, results_dir, out, scale=args.grid_scale)
     for name, paths in written.items():
         print(f"{name}: {', '.join(paths)}")
 
