@@ -21,7 +21,6 @@ There is no delayed GAN start (the loss does not see the step).
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -208,27 +207,35 @@ class VAEStage(Stage):
     def on_eval(self, model, workdir: str, step: int, writer: Any) -> None:
         from sora_jax.data import video_io
 
-        scores = {"image": {"psnr": [], "ssim": []}, "video": {"psnr": [], "ssim": []}}
         written = 0
-        out_dir = os.path.join(workdir, "recon")
-        for batch in self.eval_batches():
+
+        def write_side_by_side(video, recon, keep, kind):
+            nonlocal written
+            for i in np.flatnonzero(keep)[: max(0, int(self.opts.num_recon_videos) - written)]:
+                side = np.concatenate([video[i], np.clip(recon[i], -1, 1)], axis=2)
+                frames = np.round((side + 1) * 127.5).astype(np.uint8)
+                ext = ".png" if kind == "image" else ".mp4"
+                video_io.write_video(os.path.join(workdir, "recon", f"step_{step}_{written}_{kind}{ext}"), frames, fps=8.0)
+                written += 1
+
+        self._write_scores(self._scores(model, self.eval_batches(), write_side_by_side), "recon", workdir, step, writer)
+        if step >= int(self.config.train.steps) and len(self.opts.native_eval):
+            self._write_scores(self._native_scores(model), "native", workdir, step, writer)
+
+    def _scores(self, model, batches, on_batch=None) -> dict:
+        """PSNR / SSIM (and shapes) of posterior-mean reconstructions, images and videos apart."""
+        scores = {kind: {"psnr": [], "ssim": [], "shapes": []} for kind in ("image", "video")}
+        for batch in batches:
             video = np.asarray(batch["video"], np.float32)
             keep = np.asarray(batch["index"]) >= 0
             recon, p, s = (np.asarray(a) for a in self._reconstruct(model, video))
             kind = "image" if video.shape[1] == 1 else "video"
             scores[kind]["psnr"] += list(p[keep])
             scores[kind]["ssim"] += list(s[keep])
-            for i in np.flatnonzero(keep):
-                if written >= int(self.opts.num_recon_videos):
-                    break
-                side = np.concatenate([video[i], np.clip(recon[i], -1, 1)], axis=2)
-                frames = np.round((side + 1) * 127.5).astype(np.uint8)
-                ext = ".png" if kind == "image" else ".mp4"
-                video_io.write_video(os.path.join(out_dir, f"step_{step}_{written}_{kind}{ext}"), frames, fps=8.0)
-                written += 1
-        self._write_scores(scores, "recon", workdir, step, writer)
-        if step >= int(self.config.train.steps) and len(self.opts.native_eval):
-            self._write_scores(self._native_scores(model), "native", workdir, step, writer)
+            scores[kind]["shapes"].append(video.shape[1:4])
+            if on_batch is not None:
+                on_batch(video, recon, keep, kind)
+        return scores
 
     def _write_scores(self, scores, prefix: str, workdir: str, step: int, writer: Any) -> None:
         summary = {f"{prefix}/{kind}_{m}": float(np.mean(v)) for kind, d in scores.items()
@@ -264,16 +271,7 @@ class VAEStage(Stage):
             pipeline.pixel_batches(config, "eval", seed=int(config.seed), process_index=jax.process_index(),
                                    process_count=jax.process_count(), batch_multiple=self.batch_multiple(jax.process_count())),
             int(self.opts.native_eval_batches))
-        scores = {"image": {"psnr": [], "ssim": [], "shapes": []}, "video": {"psnr": [], "ssim": [], "shapes": []}}
-        for batch in batches:
-            video = np.asarray(batch["video"], np.float32)
-            keep = np.asarray(batch["index"]) >= 0
-            _, p, s = (np.asarray(a) for a in self._reconstruct(model, video))
-            kind = "image" if video.shape[1] == 1 else "video"
-            scores[kind]["psnr"] += list(p[keep])
-            scores[kind]["ssim"] += list(s[keep])
-            scores[kind]["shapes"].append(video.shape[1:4])
-        return scores
+        return self._scores(model, batches)
 
     def on_finish(self, model, workdir: str) -> None:
         stats = compute_latent_stats(model, self.train_batches(jax.process_index(), jax.process_count()),
