@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sora_jax.data import batching, bucket_schedule, config as data_config_lib, pipeline, sources, transforms
+from batch_helpers import assert_batches_equal, take
 
 
 def config(**overrides):
@@ -17,18 +18,6 @@ def config(**overrides):
     for k, v in overrides.items():
         c[k] = v
     return c
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert sorted(x) == sorted(y)
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # --- pipelines: simulated processes ----------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 
 from sora_jax.data import batching, config as data_config_lib, pipeline, sources, transforms
 from sora_jax.models import patches
+from batch_helpers import assert_batches_equal, take
 
 
 def small_config(**overrides):
@@ -150,18 +151,6 @@ def test_bucket_batch_sizes_keep_tokens_constant():
 
 
 # --- pipelines ------------------------------------------------------------------------
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert sorted(x) == sorted(y)
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def test_pixel_batches_deterministic_bucketed_and_resumable():
