@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
         data.frames = data.toy.max_frames = FRAMES
         # Clips average ~24 latent tokens (measured on the cache), so max_slots=8 caps a
         # 256-token row at ~74% real tokens (measured: 1519 of 2048 per step). Raising
-        # max_slots would fill rows for free; the README numbers were measured with 8.
+        # max_slots should fill rows at about the same step cost (not measured); the README numbers were measured with 8.
         data.row_len, data.max_slots, data.batch_size = 256, 8, 8
         data.num_train = 2048  # latents cached once; ~2 min of encoding on 2 cores
     steps = args.steps or (MICRO_STEPS if args.micro else QUICK_STEPS)[stage]

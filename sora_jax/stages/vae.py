@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sora_jax import jsonio
 from sora_jax.models import vae as vae_lib
 from sora_jax.train.stage import Stage
 
@@ -243,8 +244,6 @@ class VAEStage(Stage):
         if hasattr(writer, "write") and summary:
             writer.write(step, summary)
         name = f"step_{step}.json" if prefix == "recon" else f"{prefix}_step_{step}.json"
-        from sora_jax import jsonio
-
         jsonio.write_json(os.path.join(workdir, "recon", name), {
             "step": step, **summary, "counts": {k: len(d["psnr"]) for k, d in scores.items()},
             "shapes": sorted({tuple(s) for d in scores.values() for s in d.get("shapes", [])})})
@@ -302,8 +301,6 @@ def compute_latent_stats(model, batches, num_batches: int) -> dict:
 
 
 def write_latent_stats(stats: dict, workdir: str) -> str:
-    from sora_jax import jsonio
-
     return jsonio.write_json(os.path.join(workdir, STATS_FILE), stats)
 
 
