@@ -9,7 +9,7 @@ jnp.dot, best of several runs), so it says how close the step is to what XLA:CPU
 can do on this machine right now, not to a datasheet peak. Achieved FLOP/s use the
 analytic count of sora_jax.flops (3 x forward, attention included).
 
-    python -m sora_jax.bench dit [--steps N] [--peer] [--per_token_time] [--unroll]
+    python -m sora_jax.bench dit [--steps N] [--peer] [--per_token_time] [--unroll] [--remat POLICY]
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from sora_jax.models.patches import grid_positions
 PEER_SCRIPT = "/work/shared/bench/run_peer.sh"
 
 
-def bench_config(scan_layers: bool = True):
+def bench_config(scan_layers: bool = True, remat_policy: str = "minimal"):
     cfg = dit.dit_config("bench-small")
     cfg.text.encoder = "precomputed"
     cfg.text.emb_dim = 512
     cfg.text.max_len = 32
     cfg.scan_layers = scan_layers
+    cfg.remat_policy = remat_policy
     return cfg
 
 
@@ -83,12 +84,16 @@ def run(args=None) -> dict:
         # Scan is the default: unrolled, XLA:CPU fuses the residual stream's gradient (summed over
         # all later layers) into every weight-gradient transpose and recomputes it per use.
         ap.add_argument("--unroll", action="store_true", help="unrolled layers instead of jax.lax.scan (slower on CPU)")
+        # "minimal" keeps the matmul outputs and recomputes the elementwise ops and attention in the
+        # backward pass. On CPU that is faster than saving everything: the step is bound by memory
+        # traffic (each layer's residuals written in the forward scan, read back in the backward).
+        ap.add_argument("--remat", default="minimal", choices=dit.REMAT_POLICIES, help="remat policy of the blocks")
         args = ap.parse_args(list(args or []))
     steps = getattr(args, "steps", 5)
     batch_size = getattr(args, "batch", 4)
     per_token = getattr(args, "per_token_time", False)
 
-    cfg = bench_config(scan_layers=not getattr(args, "unroll", False))
+    cfg = bench_config(scan_layers=not getattr(args, "unroll", False), remat_policy=getattr(args, "remat", "minimal"))
     model = dit.create_dit(cfg)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.0)
@@ -127,7 +132,7 @@ def run(args=None) -> dict:
     achieved = train_flops / step_s / 1e12
     out = dict(
         bench="dit", config="bench-small", batch=batch_size, tokens_per_step=n_tokens,
-        per_token_time=per_token, scan_layers=cfg.scan_layers, devices=jax.device_count(),
+        per_token_time=per_token, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, devices=jax.device_count(),
         backend=jax.default_backend(), compile_s=round(compile_s, 2),
         step_s_median=step_s, times=times, tokens_per_s=n_tokens / step_s,
         train_flops_per_step=train_flops, achieved_tflops=achieved,
