@@ -34,7 +34,7 @@ VARIANTS = {
         dict(base_width=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2, conv_impl="xla"),
         # 9-frame clips (three latent frames): trained on 5-frame clips (two latent frames) the
         # causal context of every later latent frame is never seen, and 9-frame videos got
-        # worse with training (frames 5-8 at 16.2 dB after 4000 steps; docs/vae.md).
+        # worse with training (frames 5-8 at 16.1 dB after 4000 steps; docs/vae.md).
         dict(frames=9, pixels=32 * 32, batch_size=2, max_batch_size=16, num_train=4096, num_eval=32),
         dict(image_prob=0.15, aspect_ratios=["1:1"], frame_step=8),
         1000, 2e-3,

@@ -84,6 +84,13 @@ def test_native_size_eval_scores_images_and_videos_at_their_own_shapes(tmp_path)
     assert scores["image"]["psnr"] and scores["video"]["psnr"], scores
     assert len({(h, w) for _, h, w in shapes}) == 2, shapes  # both aspect ratios, not squares only
     assert all(np.isfinite(scores[k]["psnr"]).all() for k in scores)
+    # 5-frame videos = 2 latent frames; a video's PSNR (its MSE is a weighted mean of the
+    # per-latent-frame MSEs) lies between its two per-latent-frame PSNRs.
+    video = scores["video"]
+    per_frame = np.stack([video["psnr_latent_frame0"], video["psnr_latent_frame1"]], 1)
+    assert "psnr_latent_frame2" not in video and len(per_frame) == len(video["psnr"])
+    assert np.all(per_frame.min(1) <= np.asarray(video["psnr"]) + 1e-3)
+    assert np.all(np.asarray(video["psnr"]) <= per_frame.max(1) + 1e-3)
 
     config.vae.native_eval = dict(toy=dict(aspect_ratio=["1:1"]))  # misspelt field
     with pytest.raises(ValueError, match="aspect_ratio"):

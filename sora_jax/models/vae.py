@@ -204,18 +204,18 @@ class CausalConv3d(nnx.Module):
         (ph0, ph1), (pw0, pw1) = self._spatial_pad()
         x = jnp.pad(x, ((0, 0), (0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
         t, h, wd = x.shape[1] - kt + 1, x.shape[2] - kh + 1, x.shape[3] - kw + 1
+        cout = w.shape[-1]
         if x.shape[-1] * kt * kh * kw <= 128:
             # Few input channels (the RGB input conv): one matmul over all taps (im2col). Per-tap
             # matmuls with 3-wide contractions are mostly overhead; this made encode ~20% faster.
             cols = jnp.concatenate([x[:, a:a + t, b:b + h, c:c + wd]
                                     for a in range(kt) for b in range(kh) for c in range(kw)], -1)
-            return jnp.einsum("bthwk,kd->bthwd", cols, w.reshape(-1, w.shape[-1]))
-        cout = w.shape[-1]
+            return jnp.einsum("bthwk,kd->bthwd", cols, w.reshape(-1, cout))
         if cout * kt * kh * kw <= 128:
             # Few output channels (the RGB output conv): one matmul gives every tap's
             # contribution at every input position, then the taps are summed as shifted
             # slices of that small result instead of shifted copies of the wide input.
-            z = jnp.einsum("bthwc,cd->bthwd", x, jnp.moveaxis(w, 3, 0).reshape(w.shape[3], -1))
+            z = jnp.einsum("bthwc,cd->bthwd", x, jnp.moveaxis(w, 3, 0).reshape(x.shape[-1], -1))
             z = z.reshape(z.shape[:4] + (kt, kh, kw, cout))
             y = 0.0
             for a in range(kt):

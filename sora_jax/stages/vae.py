@@ -224,7 +224,11 @@ class VAEStage(Stage):
             self._write_scores(self._native_scores(model), "native", workdir, step, writer)
 
     def _scores(self, model, batches, on_batch=None) -> dict:
-        """PSNR / SSIM (and shapes) of posterior-mean reconstructions, images and videos apart."""
+        """PSNR / SSIM (and shapes) of posterior-mean reconstructions, images and videos apart.
+
+        Videos also get PSNR per latent frame (`psnr_latent_frame{k}`: the pixel frames that
+        latent frame k codes), which shows whether later latent frames, whose causal context
+        the training clips may never contain, hold up."""
         scores = {kind: {"psnr": [], "ssim": [], "shapes": []} for kind in ("image", "video")}
         for batch in batches:
             video = np.asarray(batch["video"], np.float32)
@@ -234,6 +238,12 @@ class VAEStage(Stage):
             scores[kind]["psnr"] += list(p[keep])
             scores[kind]["ssim"] += list(s[keep])
             scores[kind]["shapes"].append(video.shape[1:4])
+            if kind == "video":  # per latent frame: frame 0 alone, then temporal_compression frames each
+                tc = int(self.config.model.temporal_compression)
+                for k in range(1 + (video.shape[1] - 1) // tc):
+                    start, stop = (0, 1) if k == 0 else (1 + tc * (k - 1), 1 + tc * k)
+                    p_k = np.asarray(psnr(recon[keep, start:stop], video[keep, start:stop]))
+                    scores[kind].setdefault(f"psnr_latent_frame{k}", []).extend(p_k)
             if on_batch is not None:
                 on_batch(video, recon, keep, kind)
         return scores
