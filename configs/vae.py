@@ -6,8 +6,9 @@ Variants (the first argument):
   small     the "vae-small" bench architecture (base width 32, mults (1,2,4,4), one res
             block per level, 16 latent channels, 4x8x8; 10.1M parameters, the same as
             diffusers' AutoencoderKLWan(base_dim=32)) on 17-frame 64x64 toy-world clips
-  quick     the ~15 min CPU fidelity run (and the quickstart's VAE): base width 16, same
-            compression (4x8x8, 16 channels), trained on 9-frame 32x32 clips plus images
+  quick     the ~15 min CPU fidelity run (and the quickstart's VAE): a 2x2 pixel unshuffle,
+            then widths 32/64/128, same compression (4x8x8, 16 channels), trained on 9-frame
+            32x32 clips plus images
             (one video shape, one compile); the last eval also scores held-out clips of up to
             9 frames at their native sizes, every aspect ratio, in a 48x48 pixel budget
   micro     tests / runlocal: base width 8, a few steps on tiny clips
@@ -31,7 +32,11 @@ VARIANTS = {
         20000, 3e-4,
     ),
     "quick": (
-        dict(base_width=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2, conv_impl="xla"),
+        # A 2x2 pixel unshuffle in front instead of a full-resolution level (base width 16):
+        # the same 4x8x8 code, 1.6x less time per step on this CPU, and the same held-out
+        # PSNR after 250 steps (18.6 vs 18.8 dB; docs/vae.md), so more steps fit in the budget.
+        dict(base_width=32, channel_mult=(1, 2, 4), input_patch=2, num_res_blocks=1, decoder_res_blocks=2,
+             conv_impl="xla"),
         # 9-frame clips (three latent frames): trained on 5-frame clips (two latent frames) the
         # causal context of every later latent frame is never seen, and 9-frame videos got
         # worse with training (frames 5-8 at 16.1 dB after 4000 steps; docs/vae.md).
@@ -74,7 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(dict(
         base_width=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2, latent_channels=16,
-        temporal_compression=4, mid_attention=True, conv_impl="taps"))
+        temporal_compression=4, mid_attention=True, conv_impl="taps", input_patch=1,
+        patch_shortcut=True))
     config.model.update(model_over)
 
     config.vae = vae_defaults()

@@ -52,11 +52,15 @@ class VAEConfig:
     mid_attention: bool = True
     conv_impl: str = "taps"  # "taps" (sum of per-tap matmuls) | "xla" (lax.conv_general_dilated)
     patch_shortcut: bool = True  # linear (4x8x8 patch <-> latent cell) paths around both networks
+    # Pixel (un)shuffle of p x p pixels to channels before the encoder and after the decoder
+    # (as LTX-Video's VAE): the convolutions then start at H/p with wider channels, which
+    # costs less at full resolution and keeps the matmuls wide enough to run well on CPU.
+    input_patch: int = 1
     logvar_clip: tuple[float, float] = (-30.0, 20.0)
 
     @property
     def spatial_compression(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return self.input_patch * 2 ** (len(self.channel_mult) - 1)
 
     @property
     def temporal_down(self) -> tuple[bool, ...]:
@@ -72,6 +76,8 @@ class VAEConfig:
             raise ValueError(f"model.channel_mult needs >= 2 levels, got {self.channel_mult}")
         if tc < 1 or tc & (tc - 1) or math.log2(tc) > n:
             raise ValueError(f"model.temporal_compression={tc} must be a power of two <= 2**{n}")
+        if self.input_patch < 1:
+            raise ValueError(f"model.input_patch must be >= 1, got {self.input_patch}")
         if self.conv_impl not in ("taps", "xla"):
             raise ValueError(f"model.conv_impl must be 'taps' or 'xla', got {self.conv_impl!r}")
 
@@ -349,7 +355,8 @@ def _mid(dim, cfg, rngs):
 class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
         widths = [cfg.base_width * m for m in cfg.channel_mult]
-        self.conv_in = CausalConv3d(3, widths[0], impl=cfg.conv_impl, rngs=rngs)
+        self.patch = cfg.input_patch
+        self.conv_in = CausalConv3d(3 * self.patch ** 2, widths[0], impl=cfg.conv_impl, rngs=rngs)
         layers, cin = [], widths[0]
         for i, cout in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
@@ -365,7 +372,7 @@ class Encoder(nnx.Module):
         self.quant = CausalConv3d(2 * cfg.latent_channels, 2 * cfg.latent_channels, (1, 1, 1), rngs=rngs)
 
     def __call__(self, x, cache=None):
-        x = sharding.constrain(self.conv_in(x, cache), ACT)
+        x = sharding.constrain(self.conv_in(space_to_depth(x, self.patch), cache), ACT)
         for layer in self.layers:
             x = layer(x, cache)
         x = self.conv_out(jax.nn.silu(self.norm_out(x)), cache)
@@ -390,13 +397,32 @@ class Decoder(nnx.Module):
                 cin = cout // 2
         self.layers = nnx.List(layers)
         self.norm_out = RMSNorm(cin, rngs=rngs)
-        self.conv_out = CausalConv3d(cin, 3, impl=cfg.conv_impl, out_axis=None, rngs=rngs)
+        self.patch = cfg.input_patch
+        self.conv_out = CausalConv3d(cin, 3 * self.patch ** 2, impl=cfg.conv_impl, out_axis=None, rngs=rngs)
 
     def __call__(self, z, cache=None):
         x = sharding.constrain(self.conv_in(self.post_quant(z), cache), ACT)
         for layer in self.layers:
             x = layer(x, cache)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)), cache)
+        return depth_to_space(self.conv_out(jax.nn.silu(self.norm_out(x)), cache), self.patch)
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """(B, T, H, W, C) -> (B, T, H/p, W/p, p*p*C), each p x p pixel block to channels (row-major)."""
+    if p == 1:
+        return x
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(b, t, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """The inverse of `space_to_depth`."""
+    if p == 1:
+        return x
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t, h, w, p, p, c // (p * p)).transpose(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(b, t, h * p, w * p, c // (p * p))
 
 
 class PatchShortcut(nnx.Module):
