@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sora_jax.models import vae, vae_chunked
+from sora_jax.models import vae, vae_chunked, vae_patching
 
 # conv_impl="xla": far fewer HLO ops than "taps", so tests compile quickly.
 MICRO = dict(base_width=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, mid_attention=True, conv_impl="xla")
-# The same 4x8x8 compression with a 2x2 pixel unshuffle in front (one conv level fewer).
-MICRO_PATCH2 = dict(MICRO, channel_mult=(1, 2, 2), input_patch=2)
+# The same 4x8x8 compression with a 2x2 pixel unshuffle in front (one conv level fewer) and
+# the tent-windowed decoder shortcut: the second model runs every test below with both.
+MICRO_PATCH2 = dict(MICRO, channel_mult=(1, 2, 2), input_patch=2, shortcut_decoder="tent")
 
 
-@pytest.fixture(scope="module", params=[MICRO, MICRO_PATCH2], ids=["plain", "input_patch2"])
+@pytest.fixture(scope="module", params=[MICRO, MICRO_PATCH2], ids=["plain", "input_patch2_tent"])
 def model(request):
     with nnx.use_eager_sharding(False):
         return vae.CausalVAE(request.param, rngs=nnx.Rngs(0))
@@ -106,13 +107,41 @@ def test_tiled_close_to_untiled(model):
 
 def test_space_to_depth_round_trip_and_layout():
     x = _video(5, 16, 24, b=2)
-    y = vae.space_to_depth(x, 2)
+    y = vae_patching.space_to_depth(x, 2)
     assert y.shape == (2, 5, 8, 12, 12)
     # Channel block (i, j) of cell (r, c) is pixel (2r + i, 2c + j).
     np.testing.assert_array_equal(y[:, :, 3, 4, 3:6], x[:, :, 6, 9])
-    np.testing.assert_array_equal(vae.depth_to_space(y, 2), x)
+    np.testing.assert_array_equal(vae_patching.depth_to_space(y, 2), x)
     with pytest.raises(ValueError, match="input_patch"):
         vae.vae_config(dict(MICRO, input_patch=0))
+    with pytest.raises(ValueError, match="shortcut_decoder"):
+        vae.vae_config(dict(MICRO, shortcut_decoder="bilinear"))
+
+
+def _cells_to_pixels(y):  # (B, T, h, w, tc, sc, sc, C) -> (B, T*tc, h*sc, w*sc, C)
+    b, t, h, w, tc, sc, _, c = y.shape
+    return np.asarray(y).transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t * tc, h * sc, w * sc, c)
+
+
+def test_tent_overlap_add_blends_neighbouring_cells():
+    sc = 8
+    # Equal patches give that value everywhere, borders included (the weights are normalised).
+    const = vae_patching.tent_overlap_add(jnp.full((1, 2, 3, 4, 2, 2 * sc, 2 * sc, 3), 0.7), sc)
+    assert const.shape == (1, 2, 3, 4, 2, sc, sc, 3)
+    np.testing.assert_allclose(const, 0.7, atol=1e-6)
+    # One cell's patch reaches half a cell into each neighbour, no further, peaking at its centre.
+    impulse = jnp.zeros((1, 1, 4, 4, 1, 2 * sc, 2 * sc, 1)).at[0, 0, 1, 2].set(1.0)
+    y = _cells_to_pixels(vae_patching.tent_overlap_add(impulse, sc))[0, 0, :, :, 0]
+    rows, cols = np.nonzero(y.sum(1))[0], np.nonzero(y.sum(0))[0]
+    assert (rows.min(), rows.max() + 1) == (1 * sc - sc // 2, 2 * sc + sc // 2)
+    assert (cols.min(), cols.max() + 1) == (2 * sc - sc // 2, 3 * sc + sc // 2)
+    np.testing.assert_allclose(y.max(), (1 - 0.5 / sc) ** 2, rtol=1e-6)
+    # Independent values per cell: flat blocks with seams for "cell", blended for "tent".
+    vals = np.random.default_rng(0).standard_normal((1, 1, 4, 4, 1, 1, 1, 3))
+    blocks = _cells_to_pixels(np.broadcast_to(vals, (1, 1, 4, 4, 1, sc, sc, 3)))
+    tent = _cells_to_pixels(vae_patching.tent_overlap_add(jnp.asarray(np.broadcast_to(vals, (1, 1, 4, 4, 1, 2 * sc, 2 * sc, 3))), sc))
+    jumps = lambda v: np.abs(np.diff(v, axis=3)).max()  # noqa: E731  largest step between columns
+    assert jumps(tent) < 0.3 * jumps(blocks)
 
 
 def test_taps_and_xla_convs_agree():

@@ -22,7 +22,6 @@ analytically (1 multiply-add = 2 FLOPs) from the shapes each layer sees.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -33,6 +32,9 @@ from flax import nnx
 from jax import lax
 
 from sora_jax import sharding
+from sora_jax.models.flop_count import add_flops as _add_flops
+from sora_jax.models.flop_count import count_flops
+from sora_jax.models.vae_patching import PatchShortcut, depth_to_space, space_to_depth
 
 ACT = ("activation_batch", "activation_frames", "activation_height", "activation_width", "activation_channels")
 CONV_AXES = ("kernel_t", "kernel_h", "kernel_w", "conv_in", "conv_out")
@@ -56,6 +58,11 @@ class VAEConfig:
     # (as LTX-Video's VAE): the convolutions then start at H/p with wider channels, which
     # costs less at full resolution and keeps the matmuls wide enough to run well on CPU.
     input_patch: int = 1
+    # How the decoder's shortcut paints a latent cell: "cell" = its own (tc, sc, sc) block
+    # (so independent per-cell latent errors come out as flat blocks with seams: the 8x8 grid
+    # of early samples), "tent" = a (tc, 2sc, 2sc) patch under a tent window, overlap-added
+    # with its neighbours (bilinear blending, continuous across cell borders).
+    shortcut_decoder: str = "cell"
     logvar_clip: tuple[float, float] = (-30.0, 20.0)
 
     @property
@@ -78,6 +85,10 @@ class VAEConfig:
             raise ValueError(f"model.temporal_compression={tc} must be a power of two <= 2**{n}")
         if self.input_patch < 1:
             raise ValueError(f"model.input_patch must be >= 1, got {self.input_patch}")
+        if self.shortcut_decoder not in ("cell", "tent"):
+            raise ValueError(f"model.shortcut_decoder must be 'cell' or 'tent', got {self.shortcut_decoder!r}")
+        if self.shortcut_decoder == "tent" and self.spatial_compression % 2:
+            raise ValueError(f"model.shortcut_decoder='tent' needs an even spatial compression, got {self.spatial_compression}")
         if self.conv_impl not in ("taps", "xla"):
             raise ValueError(f"model.conv_impl must be 'taps' or 'xla', got {self.conv_impl!r}")
 
@@ -103,27 +114,6 @@ def check_video_shape(t: int, h: int, w: int, cfg: VAEConfig) -> None:
         raise ValueError(
             f"video (T,H,W)=({t},{h},{w}) unsupported: need T = 1 + {tc}k and H, W divisible by {sc}"
         )
-
-
-# ----------------------------------------------------------------------------
-# Analytic FLOP counting: layers add 2*MACs of what they compute while traced.
-# ----------------------------------------------------------------------------
-_FLOPS: list[float] = []
-
-
-@contextlib.contextmanager
-def count_flops():
-    _FLOPS.append(0.0)
-    box = {"flops": 0.0}
-    try:
-        yield box
-    finally:
-        box["flops"] = _FLOPS.pop()
-
-
-def _add_flops(n: float) -> None:
-    if _FLOPS:
-        _FLOPS[-1] += float(n)
 
 
 # ----------------------------------------------------------------------------
@@ -405,68 +395,6 @@ class Decoder(nnx.Module):
         for layer in self.layers:
             x = layer(x, cache)
         return depth_to_space(self.conv_out(jax.nn.silu(self.norm_out(x)), cache), self.patch)
-
-
-def space_to_depth(x: jax.Array, p: int) -> jax.Array:
-    """(B, T, H, W, C) -> (B, T, H/p, W/p, p*p*C), each p x p pixel block to channels (row-major)."""
-    if p == 1:
-        return x
-    b, t, h, w, c = x.shape
-    x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(b, t, h // p, w // p, p * p * c)
-
-
-def depth_to_space(x: jax.Array, p: int) -> jax.Array:
-    """The inverse of `space_to_depth`."""
-    if p == 1:
-        return x
-    b, t, h, w, c = x.shape
-    x = x.reshape(b, t, h, w, p, p, c // (p * p)).transpose(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(b, t, h * p, w * p, c // (p * p))
-
-
-class PatchShortcut(nnx.Module):
-    """Linear maps between a (tc, sc, sc) pixel patch and its latent cell, around the deep nets.
-
-    Why: the deep encoder/decoder start far from even a linear code, and on the toy
-    world the first quickstart VAE stayed below an 8x8 average-pool baseline for
-    hundreds of steps. With these paths the VAE starts as a learnt linear patch
-    autoencoder (in the spirit of DC-AE's space-to-channel residual shortcuts) and the
-    deep networks learn what the linear code misses. Both are causal strided 3D convs
-    (kernel = stride = (tc, sc, sc)): latent frame j sees pixel frames 4j-3..4j, frame 0
-    sees zeros before itself exactly as the causal convolutions do, so chunking holds.
-    """
-
-    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        self.tc, self.sc = cfg.temporal_compression, cfg.spatial_compression
-        patch = self.tc * self.sc * self.sc * 3
-        c = cfg.latent_channels
-        kin = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.enc_kernel = nnx.Param(sharding.partitioned(kin, ("conv_in", "conv_out"))(rngs.params(), (patch, 2 * c)))
-        self.dec_kernel = nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), ("conv_in", "conv_out"))(
-            rngs.params(), (c, patch)))
-        self.dec_bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), ("conv_out",))(
-            rngs.params(), (patch,)))
-
-    def encode(self, x: jax.Array, first: bool) -> jax.Array:
-        """(B, T, H, W, 3) -> (B, T', H/sc, W/sc, 2C); `first`: x starts at frame 0 of the video."""
-        tc, sc = self.tc, self.sc
-        if first:  # frame 0 is a group of its own: pad it with the zeros the causal convs see
-            x = jnp.concatenate([jnp.zeros((x.shape[0], tc - 1) + x.shape[2:], x.dtype), x], axis=1)
-        b, t, h, w, ch = x.shape
-        x = x.reshape(b, t // tc, tc, h // sc, sc, w // sc, sc, ch).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-        x = x.reshape(b, t // tc, h // sc, w // sc, tc * sc * sc * ch)
-        _add_flops(2 * x.size * self.enc_kernel.shape[1])
-        return x @ self.enc_kernel[...].astype(x.dtype)
-
-    def decode(self, z: jax.Array, first: bool) -> jax.Array:
-        """(B, T', h, w, C) -> (B, T, h*sc, w*sc, 3); the inverse layout of `encode`."""
-        tc, sc = self.tc, self.sc
-        b, t, h, w, _ = z.shape
-        y = z @ self.dec_kernel[...].astype(z.dtype) + self.dec_bias[...].astype(z.dtype)
-        _add_flops(2 * z.size * self.dec_kernel.shape[1])
-        y = y.reshape(b, t, h, w, tc, sc, sc, 3).transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t * tc, h * sc, w * sc, 3)
-        return y[:, tc - 1:] if first else y
 
 
 class CausalVAE(nnx.Module):
