@@ -1,4 +1,4 @@
-"""The CPU quickstart: a VAE, then a DiT, on the toy world, in about 25 minutes on 2 cores.
+"""The CPU quickstart: a VAE, then a DiT, on the toy world, in about 25-45 minutes on 2 cores.
 
 `python -m sora_jax.quickstart --workdir=DIR` runs the whole pipeline (VAE ->
 latent cache -> DiT -> samples). Each stage is also an ordinary config:
@@ -19,7 +19,8 @@ from sora_jax import config_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Measured (README, sprint 3): VAE 13.6 min, latent cache 2.8 min, DiT 8.3 min, samples 14 s on 2 quiet cores.
+# Measured (README): sprint 4, on a 2-core AVX2 machine about half as fast as sprint 3's: VAE 17.5 min,
+# latent cache 5.7 min, DiT 20.9 min, samples 28 s (sprint 3 there: 13.6, 2.8, 8.3 min, 14 s).
 QUICK_STEPS = {"vae": 1000, "dit": 1000}
 MICRO_STEPS = {"vae": 4, "dit": 4}
 
