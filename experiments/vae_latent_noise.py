@@ -57,12 +57,15 @@ def main(argv=None) -> dict:
     cell = vae.cfg.spatial_compression
     rng = np.random.default_rng(0)
     out = {"vae_workdir": args.vae_workdir, "clips": len(clips), "shape": list(clips[0].shape), "sigmas": {}}
+    # Encode and decode each clip once; every sigma reuses them.
+    coded = []
+    for clip in clips:
+        x = clip.astype(np.float32) / 127.5 - 1.0
+        z = np.asarray(vae.encode(clip))
+        coded.append((x, z, np.asarray(vae.decode(z)).reshape(x.shape)))
     for sigma in (float(s) for s in args.sigmas.split(",")):
         psnrs, grids = [], []
-        for clip in clips:
-            x = clip.astype(np.float32) / 127.5 - 1.0
-            z = np.asarray(vae.encode(clip))
-            clean = np.asarray(vae.decode(z)).reshape(x.shape)
+        for x, z, clean in coded:
             y = clean if sigma == 0 else np.asarray(
                 vae.decode(z + sigma * rng.standard_normal(z.shape).astype(np.float32))).reshape(x.shape)
             psnrs.append(10 * np.log10(4.0 / np.mean((np.clip(y, -1, 1) - x) ** 2)))
