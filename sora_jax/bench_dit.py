@@ -10,6 +10,7 @@ can do on this machine right now, not to a datasheet peak. Achieved FLOP/s use t
 analytic count of sora_jax.flops (3 x forward, attention included).
 
     python -m sora_jax.bench dit [--steps N] [--peer] [--per_token_time] [--unroll] [--remat POLICY]
+                             [--cpu_dot_fusion individual|fused]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sora_jax import flops
+from sora_jax import flops, xla_options
 from sora_jax.models import dit
 from sora_jax.models.patches import grid_positions
 
@@ -88,10 +89,15 @@ def run(args=None) -> dict:
         # backward pass. On CPU that is faster than saving everything: the step is bound by memory
         # traffic (each layer's residuals written in the forward scan, read back in the backward).
         ap.add_argument("--remat", default="minimal", choices=dit.REMAT_POLICIES, help="remat policy of the blocks")
+        # As the training configs (config.cpu_dot_fusion): "fused" puts the attention softmax into
+        # YNNPACK's score matmul, which runs far below the matmul rate on CPU (xla_options.py).
+        ap.add_argument("--cpu_dot_fusion", default="individual", choices=sorted(xla_options.CPU_DOT_FUSION),
+                        help="XLA:CPU dot fusion of the step (see sora_jax/xla_options.py)")
         args = ap.parse_args(list(args or []))
     steps = getattr(args, "steps", 5)
     batch_size = getattr(args, "batch", 4)
     per_token = getattr(args, "per_token_time", False)
+    fusion = getattr(args, "cpu_dot_fusion", "individual")
 
     cfg = bench_config(scan_layers=not getattr(args, "unroll", False), remat_policy=getattr(args, "remat", "minimal"))
     model = dit.create_dit(cfg)
@@ -112,7 +118,7 @@ def run(args=None) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    train_step = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=xla_options.compiler_options(fusion))
     compile_s = _timed(lambda: train_step.lower(params, opt_state, batch).compile())
     for _ in range(2):  # warm-up
         params, opt_state, loss = train_step(params, opt_state, batch)
@@ -132,7 +138,8 @@ def run(args=None) -> dict:
     achieved = train_flops / step_s / 1e12
     out = dict(
         bench="dit", config="bench-small", batch=batch_size, tokens_per_step=n_tokens,
-        per_token_time=per_token, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, devices=jax.device_count(),
+        per_token_time=per_token, scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+        cpu_dot_fusion=fusion, devices=jax.device_count(),
         backend=jax.default_backend(), compile_s=round(compile_s, 2),
         step_s_median=step_s, times=times, tokens_per_s=n_tokens / step_s,
         train_flops_per_step=train_flops, achieved_tflops=achieved,

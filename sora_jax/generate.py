@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import sharding
+from sora_jax import sharding, xla_options
 from sora_jax.data import transforms
 from sora_jax.data.tokenizer import HashTokenizer
 from sora_jax.diffusion import samplers
@@ -218,7 +218,7 @@ class Generator:
                 tokens = jnp.where(given_tokens[:, None], cond_tokens[0], patches.patchify(latent, patch))
                 return patches.unpatchify(tokens, tuple(s // p for s, p in zip(shape[:3], patch)), patch, shape[3])
 
-            _COMPILED[key] = jax.jit(run)
+            _COMPILED[key] = jax.jit(run, compiler_options=xla_options.from_config(self.config))
         return _COMPILED[key]
 
     def _generate(self, mode: str, prompt: str, *, size, frames: int, settings: dict, notes: list, expand_with=None,

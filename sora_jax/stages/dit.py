@@ -15,6 +15,7 @@ What is specific to this stage (the loop owns everything else):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sora_jax import xla_options
 from sora_jax.diffusion import conditioning as cond_lib
 from sora_jax.diffusion import rectified_flow as rf
 from sora_jax.diffusion import samplers
@@ -211,7 +213,7 @@ class DiTStage(Stage):
         graphdef, state = nnx.split(model)
         d = self.diffusion
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=xla_options.from_config(self.config))
         def draw(state, ids, seed):
             fn = nnx.merge(graphdef, state)
             return samplers.sample(fn, shape=shape, patch=tuple(model_cfg.patch), text_ids=ids,

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sora_jax import sharding
+from sora_jax import sharding, xla_options
 from sora_jax.train import checkpoint as ckpt_lib
 from sora_jax.train import metrics as metrics_lib
 from sora_jax.train import preflight
@@ -144,7 +144,9 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
 
     train_step = state_lib.make_train_step(stage, setup, config)
     jitted: dict[tuple, Any] = {}  # batch key set -> jitted step
-    eval_jit = jax.jit(state_lib.make_eval_step(stage, setup, config), out_shardings=replicated)
+    options = xla_options.from_config(config)
+    eval_jit = jax.jit(state_lib.make_eval_step(stage, setup, config), out_shardings=replicated,
+                       compiler_options=options)
     compiled: dict[tuple, Any] = {}
 
     def to_global(local_batch):
@@ -162,7 +164,7 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
                     donate_argnums=(0,),
                 )
             start = time.perf_counter()
-            compiled[key] = jitted[keys].lower(state, gbatch).compile()
+            compiled[key] = jitted[keys].lower(state, gbatch).compile(compiler_options=options)
             seconds = time.perf_counter() - start
             if len(compiled) > 1:
                 writer.log(f"compiled the train step for a new batch shape {key} in {seconds:.1f} s")

@@ -1,0 +1,43 @@
+"""Per-program XLA compiler options, chosen in the config (`config.cpu_dot_fusion`).
+
+XLA:CPU hands dots to YNNPACK and, by default, fuses a dot's elementwise and
+reduce neighbours into the same YNNPACK call. For attention that makes the score
+matmul, the softmax and the PV matmul one call, which runs far below the matmul
+rate: bench-small's self-attention (4x6x320x320x64) takes 13 ms forward that way
+and 5 ms as separate calls, and the whole DiT training step goes from ~0.75 to
+~0.64 s (docs/dit.md). The convolution-heavy VAE is the other way round (encode
+65 -> 43 frames/s without the fusion), so the choice is per config: "individual"
+for the transformer stages, "fused" (XLA's default) for the VAE.
+
+The option is passed per compiled program (`jax.jit(..., compiler_options=...)`),
+not through XLA_FLAGS, so one process can run both kinds. A user's own
+`--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS wins; on GPU and TPU nothing
+is passed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+CPU_DOT_FUSION = {
+    "fused": None,  # XLA's default fusion types
+    "individual": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",  # every dot its own YNNPACK call, nothing fused in
+}
+
+
+def compiler_options(cpu_dot_fusion: str) -> dict[str, str] | None:
+    """Compiler options for `jax.jit(compiler_options=...)`, or None for XLA's defaults."""
+    if cpu_dot_fusion not in CPU_DOT_FUSION:
+        raise ValueError(f"config.cpu_dot_fusion={cpu_dot_fusion!r}; choose one of {sorted(CPU_DOT_FUSION)}")
+    value = CPU_DOT_FUSION[cpu_dot_fusion]
+    if value is None or jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return {_YNN_OPTION: value}
+
+
+def from_config(config) -> dict[str, str] | None:
+    """The config's choice; configs written before the field existed get XLA's defaults."""
+    return compiler_options(str(config.get("cpu_dot_fusion", "fused")))
