@@ -69,7 +69,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config = config_lib.base_config()
     config.stage = "vae"
-    config.cpu_dot_fusion = "fused"  # the convolutions run faster with XLA's default fusion (xla_options.py)
     config.variant = variant
 
     data = default_data_config()

@@ -9,7 +9,10 @@ jnp.dot, best of several runs), so it says how close the step is to what XLA:CPU
 can do on this machine right now, not to a datasheet peak. Achieved FLOP/s use the
 analytic count of sora_jax.flops (3 x forward, attention included).
 
-    python -m sora_jax.bench dit [--steps N] [--peer] [--per_token_time] [--unroll] [--remat POLICY]
+With --peer --rounds=R, ours and the peer alternate R times and the speedup is the median
+of the per-round ratios (the machine's speed drifts by 10-30% within minutes).
+
+    python -m sora_jax.bench dit [--steps N] [--peer [--rounds R]] [--per_token_time] [--unroll] [--remat POLICY]
                              [--cpu_dot_fusion individual|fused]
 """
 
@@ -60,6 +63,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _run_peer(steps: int) -> dict:
+    """The peer's JSON line, or {"error": why} (the peer is optional)."""
+    try:
+        res = subprocess.run(["bash", PEER_SCRIPT, "dit", str(steps)], capture_output=True, text=True, timeout=1800)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def make_batch(cfg, batch: int, thw=(5, 16, 16), text_len: int = 32, per_token_time: bool = False):
     rng = np.random.default_rng(0)
     grid = tuple(a // p for a, p in zip(thw, cfg.patch))
@@ -81,6 +93,7 @@ def run(args=None) -> dict:
         ap.add_argument("--steps", type=int, default=5)
         ap.add_argument("--batch", type=int, default=4)
         ap.add_argument("--peer", action="store_true", help="also time the peer (run_peer.sh dit) in this run")
+        ap.add_argument("--rounds", type=int, default=1, help="with --peer: alternate ours and the peer this many times")
         ap.add_argument("--per_token_time", action="store_true", help="t of shape [B, L] instead of [B]")
         # Scan is the default: unrolled, XLA:CPU fuses the residual stream's gradient (summed over
         # all later layers) into every weight-gradient transpose and recomputes it per use.
@@ -89,15 +102,15 @@ def run(args=None) -> dict:
         # backward pass. On CPU that is faster than saving everything: the step is bound by memory
         # traffic (each layer's residuals written in the forward scan, read back in the backward).
         ap.add_argument("--remat", default="minimal", choices=dit.REMAT_POLICIES, help="remat policy of the blocks")
-        # As the training configs (config.cpu_dot_fusion): "fused" puts the attention softmax into
-        # YNNPACK's score matmul, which runs far below the matmul rate on CPU (xla_options.py).
-        ap.add_argument("--cpu_dot_fusion", default="individual", choices=sorted(xla_options.CPU_DOT_FUSION),
+        # As config.cpu_dot_fusion (xla_options.py); "individual" keeps the unmasked attention
+        # softmax out of YNNPACK's score matmul, which did not make the whole step faster.
+        ap.add_argument("--cpu_dot_fusion", default="fused", choices=sorted(xla_options.CPU_DOT_FUSION),
                         help="XLA:CPU dot fusion of the step (see sora_jax/xla_options.py)")
         args = ap.parse_args(list(args or []))
     steps = getattr(args, "steps", 5)
     batch_size = getattr(args, "batch", 4)
     per_token = getattr(args, "per_token_time", False)
-    fusion = getattr(args, "cpu_dot_fusion", "individual")
+    fusion = getattr(args, "cpu_dot_fusion", "fused")
 
     cfg = bench_config(scan_layers=not getattr(args, "unroll", False), remat_policy=getattr(args, "remat", "minimal"))
     model = dit.create_dit(cfg)
@@ -123,13 +136,24 @@ def run(args=None) -> dict:
     for _ in range(2):  # warm-up
         params, opt_state, loss = train_step(params, opt_state, batch)
     loss.block_until_ready()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        params, opt_state, loss = train_step(params, opt_state, batch)
-        loss.block_until_ready()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+
+    def timed_steps():
+        nonlocal params, opt_state, loss
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            params, opt_state, loss = train_step(params, opt_state, batch)
+            loss.block_until_ready()
+            times.append(time.perf_counter() - start)
+        return times
+
+    with_peer = getattr(args, "peer", False)
+    rounds = []  # (our step times, peer result or error) per round
+    for _ in range(max(1, getattr(args, "rounds", 1)) if with_peer else 1):
+        times = timed_steps()
+        rounds.append((times, _run_peer(steps) if with_peer else None))
+    step_s = statistics.median(statistics.median(r[0]) for r in rounds)
+    times = [t for r in rounds for t in r[0]]
 
     n_tokens = batch["x"].shape[0] * batch["x"].shape[1]
     fl = flops.dit_flops(cfg, (5, 16, 16), text_len=32, per_token_time=per_token)
@@ -146,14 +170,19 @@ def run(args=None) -> dict:
         matmul_fp32_tflops=peak, mfu=achieved / peak, loss=float(loss),
         params=dit.count_params(nnx.merge(graphdef, params)),
     )
-    if getattr(args, "peer", False):
-        try:
-            res = subprocess.run(["bash", PEER_SCRIPT, "dit", str(steps)], capture_output=True, text=True, timeout=1800)
-            peer = json.loads(res.stdout.strip().splitlines()[-1])
-            out.update(peer_tokens_per_s=peer["tokens_per_s"], peer_step_s=peer["step_s_median"],
-                       peer_params=peer.get("params"), speedup_vs_peer=out["tokens_per_s"] / peer["tokens_per_s"])
-        except Exception as e:  # the peer is optional; say why it is missing
-            out["peer_error"] = f"{type(e).__name__}: {e}"[:300]
+    if with_peer:
+        peers = [p for _, p in rounds if "tokens_per_s" in p]
+        if not peers:
+            out["peer_error"] = rounds[-1][1].get("error")
+        else:
+            ratios = [n_tokens / statistics.median(r) / p["tokens_per_s"] for r, p in rounds if "tokens_per_s" in p]
+            out.update(peer_tokens_per_s=statistics.median(p["tokens_per_s"] for p in peers),
+                       peer_step_s=statistics.median(p["step_s_median"] for p in peers),
+                       peer_params=peers[-1].get("params"), speedup_vs_peer=statistics.median(ratios))
+            if len(rounds) > 1:
+                out.update(rounds=len(rounds), speedup_rounds=ratios,
+                           tokens_per_s_rounds=[n_tokens / statistics.median(r) for r, _ in rounds],
+                           peer_tokens_per_s_rounds=[p["tokens_per_s"] for p in peers])
     return out
 
 

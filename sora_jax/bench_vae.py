@@ -1,9 +1,12 @@
-"""VAE benchmark at "vae-small": `python -m sora_jax.bench vae [--runs=N] [--peer] [--impl=taps|xla]`.
+"""VAE benchmark at "vae-small": `python -m sora_jax.bench vae [--runs=N] [--peer [--rounds=R]] [--impl=taps|xla]`.
 
 Times encode (posterior mean) and decode of one 17x64x64 clip (batch 1) with the
 bench architecture (configs/vae.py:small, the same 10.1M parameters as the peer),
 after compiling. With --peer, runs diffusers' Wan 2.1 VAE at the same configuration
 (../shared/bench/run_peer.sh vae) in a subprocess right after, and adds the ratios.
+With --rounds=R, ours and the peer alternate R times and the ratios are the medians of
+the per-round ratios: on a shared 2-core VM the peer's own throughput has moved by 60%
+between runs minutes apart, so one back-to-back pair can say 0.9x or 1.6x.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def run(args: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m sora_jax.bench vae")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--peer", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="with --peer: alternate ours and the peer this many times")
     p.add_argument("--impl", default="taps", choices=["taps", "xla"])
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=64)
@@ -68,8 +72,13 @@ def run(args: list[str]) -> dict:
     z = jax.block_until_ready(encode(state, video))
     jax.block_until_ready(decode(state, z))
     compile_s = time.perf_counter() - t0
-    enc_s = _median_time(lambda: jax.block_until_ready(encode(state, video)), opts.runs)
-    dec_s = _median_time(lambda: jax.block_until_ready(decode(state, z)), opts.runs)
+    rounds = []  # (encode s, decode s, peer result or None) per round
+    for _ in range(max(1, opts.rounds) if opts.peer else 1):
+        enc_s = _median_time(lambda: jax.block_until_ready(encode(state, video)), opts.runs)
+        dec_s = _median_time(lambda: jax.block_until_ready(decode(state, z)), opts.runs)
+        rounds.append((enc_s, dec_s, run_peer(opts.runs) if opts.peer else None))
+    enc_s = statistics.median(r[0] for r in rounds)
+    dec_s = statistics.median(r[1] for r in rounds)
     flops = vae_lib.vae_forward_flops(cfg, t, hw, hw)
     out = {
         "config": "vae-small", "conv_impl": opts.impl, "input_shape": [1, t, hw, hw, 3], "latent_shape": list(z.shape),
@@ -80,9 +89,15 @@ def run(args: list[str]) -> dict:
         "runs": opts.runs, "load_avg_1m": os.getloadavg()[0],
     }
     if opts.peer:
-        peer = run_peer(opts.runs)
-        out["peer"] = peer
-        out["encode_ratio_vs_peer"] = out["encode_frames_per_s"] / peer["encode_frames_per_s"]
-        out["decode_ratio_vs_peer"] = out["decode_frames_per_s"] / peer["decode_frames_per_s"]
+        peers = [r[2] for r in rounds]
+        out["peer"] = peers[-1]
+        for kind, i in (("encode", 0), ("decode", 1)):
+            ratios = [t / r[i] / p[f"{kind}_frames_per_s"] for r, p in zip(rounds, peers)]
+            out[f"{kind}_ratio_vs_peer"] = statistics.median(ratios)
+            if len(rounds) > 1:
+                out[f"{kind}_ratio_rounds"] = ratios
+                out[f"{kind}_frames_per_s_rounds"] = [t / r[i] for r in rounds]
+                out[f"peer_{kind}_frames_per_s_rounds"] = [p[f"{kind}_frames_per_s"] for p in peers]
+        out["rounds"] = len(rounds)
         out["load_avg_1m_after_peer"] = os.getloadavg()[0]
     return out

@@ -1,13 +1,15 @@
 """Per-program XLA compiler options, chosen in the config (`config.cpu_dot_fusion`).
 
-XLA:CPU hands dots to YNNPACK and, by default, fuses a dot's elementwise and
-reduce neighbours into the same YNNPACK call. For attention that makes the score
-matmul, the softmax and the PV matmul one call, which runs far below the matmul
-rate: bench-small's self-attention (4x6x320x320x64) takes 13 ms forward that way
-and 5 ms as separate calls, and the whole DiT training step goes from ~0.75 to
-~0.64 s (docs/dit.md). The convolution-heavy VAE is the other way round (encode
-65 -> 43 frames/s without the fusion), so the choice is per config: "individual"
-for the transformer stages, "fused" (XLA's default) for the VAE.
+XLA:CPU hands dots to YNNPACK and, by default ("fused"), fuses a dot's elementwise
+and reduce neighbours into the same YNNPACK call. For an unmasked attention that
+makes the score matmul, the softmax and the PV matmul one call, which runs far
+below the matmul rate: bench-small's self-attention (4x6x320x320x64) takes 13.7 ms
+forward that way and 5.2-5.9 ms with "individual" (every dot its own call). A
+masked attention (packed rows) is not fused like that (4.9 ms either way), and on
+the whole bench-small DiT training step the two were level in paired rounds with
+the peer (1.16x vs 1.13x), while the convolution-heavy VAE is 1.5x slower without
+the fusion (docs/dit.md). So XLA's default stays the default and "individual" is
+there for forward-heavy, unmasked programs and for measuring.
 
 The option is passed per compiled program (`jax.jit(..., compiler_options=...)`),
 not through XLA_FLAGS, so one process can run both kinds. A user's own

@@ -81,10 +81,12 @@ def test_choices_and_overrides(monkeypatch):
     assert xla_options.compiler_options("individual") is None
 
 
-def test_stage_defaults():
-    assert config_lib.load_config("configs/dit.py:micro").cpu_dot_fusion == "individual"
-    assert config_lib.load_config("configs/captioner.py").cpu_dot_fusion == "individual"
-    assert config_lib.load_config("configs/vae.py:quick").cpu_dot_fusion == "fused"
+def test_config_default_and_old_workdirs(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    config = config_lib.load_config("configs/dit.py:micro")
+    assert config.cpu_dot_fusion == "fused" and xla_options.from_config(config) is None
+    config.cpu_dot_fusion = "individual"
+    assert xla_options.from_config(config) == xla_options.compiler_options("individual")
     # A workdir config from before the field existed keeps XLA's defaults.
     old = config_lib.base_config()
     del old["cpu_dot_fusion"]

@@ -204,8 +204,13 @@ class CausalConv3d(nnx.Module):
         if x.shape[-1] * kt * kh * kw <= 128:
             # Few input channels (the RGB input conv): one matmul over all taps (im2col). Per-tap
             # matmuls with 3-wide contractions are mostly overhead; this made encode ~20% faster.
-            cols = jnp.concatenate([x[:, a:a + t, b:b + h, c:c + wd]
-                                    for a in range(kt) for b in range(kh) for c in range(kw)], -1)
+            # The columns are built one kernel axis at a time (w, then h, then t): one concat of
+            # 27 three-channel slices writes 12-byte runs and took 29 ms at 17x64x64 on XLA:CPU,
+            # three concats of 3 ever-wider slices take 4-5 ms. Channel order (a, b, c, cin)
+            # matches w.reshape(-1, cout).
+            cols = jnp.concatenate([x[:, :, :, c:c + wd] for c in range(kw)], -1)
+            cols = jnp.concatenate([cols[:, :, b:b + h] for b in range(kh)], -1)
+            cols = jnp.concatenate([cols[:, a:a + t] for a in range(kt)], -1)
             return jnp.einsum("bthwk,kd->bthwd", cols, w.reshape(-1, cout))
         if cout * kt * kh * kw <= 128:
             # Few output channels (the RGB output conv): one matmul gives every tap's
