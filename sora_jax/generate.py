@@ -198,7 +198,8 @@ class Generator:
         Compiled functions are shared by all Generators of the same model structure.
         """
         key = (self.graphdef, shape, self.geometry.patch, settings["steps"], settings["sampler"],
-               settings["guidance"], settings["shift"], text_keys, self.diffusion.prediction)
+               settings["guidance"], settings["shift"], text_keys, self.diffusion.prediction,
+               str(self.config.get("cpu_dot_fusion", "fused")))  # compiler options are part of the program
         if key not in _COMPILED:
             graphdef, patch, prediction = self.graphdef, self.geometry.patch, self.diffusion.prediction
 
