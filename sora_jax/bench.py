@@ -9,9 +9,24 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 
 BENCHMARKS = ("data", "vae", "dit", "sample")
+# The peer timings (diffusers' Wan 2.1 VAE and transformer, PyTorch) live beside the checkout.
+PEER_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "run_peer.sh")
+
+
+def run_peer(kind: str, runs: int) -> dict:
+    """The peer's JSON line from `run_peer.sh KIND RUNS` (kind "vae" or "dit"); raises with its stderr."""
+    script = os.environ.get("SORA_PEER_SCRIPT", os.path.abspath(PEER_SCRIPT))
+    if not os.path.exists(script):
+        script = "/work/shared/bench/run_peer.sh"
+    out = subprocess.run(["bash", script, kind, str(runs)], capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"peer benchmark failed ({script} {kind}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ can do on this machine right now, not to a datasheet peak. Achieved FLOP/s use t
 analytic count of sora_jax.flops (3 x forward, attention included).
 
 With --peer --rounds=R, ours and the peer alternate R times and the speedup is the median
-of the per-round ratios (the machine's speed drifts by 10-30% within minutes).
+of the per-round ratios (on the shared 2-core VM the same step has
+ranged 0.63-0.92 s within an hour).
 
     python -m sora_jax.bench dit [--steps N] [--peer [--rounds R]] [--per_token_time] [--unroll] [--remat POLICY]
                              [--cpu_dot_fusion individual|fused]
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 
 import jax
@@ -30,11 +30,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sora_jax import flops, xla_options
+from sora_jax import bench, flops, xla_options
 from sora_jax.models import dit
 from sora_jax.models.patches import grid_positions
 
-PEER_SCRIPT = "/work/shared/bench/run_peer.sh"
 
 
 def bench_config(scan_layers: bool = True, remat_policy: str = "minimal"):
@@ -66,8 +65,7 @@ def _timed(fn) -> float:
 def _run_peer(steps: int) -> dict:
     """The peer's JSON line, or {"error": why} (the peer is optional)."""
     try:
-        res = subprocess.run(["bash", PEER_SCRIPT, "dit", str(steps)], capture_output=True, text=True, timeout=1800)
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        return bench.run_peer("dit", steps)
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
@@ -179,8 +177,9 @@ def run(args=None) -> dict:
             out.update(peer_tokens_per_s=statistics.median(p["tokens_per_s"] for p in peers),
                        peer_step_s=statistics.median(p["step_s_median"] for p in peers),
                        peer_params=peers[-1].get("params"), speedup_vs_peer=statistics.median(ratios))
+            out["rounds"] = len(rounds)
             if len(rounds) > 1:
-                out.update(rounds=len(rounds), speedup_rounds=ratios,
+                out.update(speedup_rounds=ratios,
                            tokens_per_s_rounds=[n_tokens / statistics.median(r) for r, _ in rounds],
                            peer_tokens_per_s_rounds=[p["tokens_per_s"] for p in peers])
     return out

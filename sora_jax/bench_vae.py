@@ -5,21 +5,19 @@ bench architecture (configs/vae.py:small, the same 10.1M parameters as the peer)
 after compiling. With --peer, runs diffusers' Wan 2.1 VAE at the same configuration
 (../shared/bench/run_peer.sh vae) in a subprocess right after, and adds the ratios.
 With --rounds=R, ours and the peer alternate R times and the ratios are the medians of
-the per-round ratios: on a shared 2-core VM the peer's own throughput has moved by 60%
-between runs minutes apart, so one back-to-back pair can say 0.9x or 1.6x.
+the per-round ratios: on a shared 2-core VM the peer's own encode throughput has moved
+by two thirds (39 -> 65 frames/s) between runs minutes apart, so one back-to-back pair can say 0.9x or 1.6x.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import time
 
-PEER_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "run_peer.sh")
+from sora_jax import bench
 
 
 def _median_time(fn, runs):
@@ -29,16 +27,6 @@ def _median_time(fn, runs):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def run_peer(runs: int) -> dict:
-    script = os.environ.get("SORA_PEER_SCRIPT", os.path.abspath(PEER_SCRIPT))
-    if not os.path.exists(script):
-        script = "/work/shared/bench/run_peer.sh"
-    out = subprocess.run(["bash", script, "vae", str(runs)], capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"peer benchmark failed ({script}): {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(args: list[str]) -> dict:
@@ -76,7 +64,7 @@ def run(args: list[str]) -> dict:
     for _ in range(max(1, opts.rounds) if opts.peer else 1):
         enc_s = _median_time(lambda: jax.block_until_ready(encode(state, video)), opts.runs)
         dec_s = _median_time(lambda: jax.block_until_ready(decode(state, z)), opts.runs)
-        rounds.append((enc_s, dec_s, run_peer(opts.runs) if opts.peer else None))
+        rounds.append((enc_s, dec_s, bench.run_peer("vae", opts.runs) if opts.peer else None))
     enc_s = statistics.median(r[0] for r in rounds)
     dec_s = statistics.median(r[1] for r in rounds)
     flops = vae_lib.vae_forward_flops(cfg, t, hw, hw)
