@@ -1,5 +1,7 @@
 """DiT model tests: RoPE, packing invariance, masks, adaLN-Zero, bf16, scan == unrolled, sharding."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +173,43 @@ def test_recompute_attention_matches_reference_with_grads(dtype, tol):
         for name, g, r in zip("qkv", grads, ref_grads):
             assert g.dtype == dtype
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * 4, err_msg=f"{case} d{name}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the bf16 projection path is XLA:CPU's")
+def test_bf16_projection_matches_fp32_and_keeps_its_matmuls_in_bf16():
+    """attention.project with bf16 inputs on CPU: value and gradients match fp32 math to bf16
+    tolerance, the weight and bias gradients come back in fp32, and every matmul of the
+    forward and backward pass takes bf16 operands (the point of its custom VJP)."""
+    ks = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(ks[0], (2, 5, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(ks[1], (16, 3, 4)) * 0.25
+    b = jax.random.normal(ks[2], (3, 4))
+    probe = jax.random.normal(ks[3], (2, 5, 3, 4))
+
+    def loss(x, w, b):
+        return jnp.sum(attention.project(x, w, b).astype(jnp.float32) * probe)
+
+    def ref_loss(x, w, b):
+        return jnp.sum((jnp.einsum("blc,cnh->blnh", x, w) + b) * probe)
+
+    out = attention.project(x, w, b)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 5, 3, 4)
+    ref = jnp.einsum("blc,cnh->blnh", x.astype(jnp.float32), w) + b
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=3e-2, rtol=1e-2)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+    ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(x.astype(jnp.float32), w, b)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    for name, g, r in zip(("dx", "dw", "db"), grads, ref_grads):
+        scale = float(jnp.max(jnp.abs(r)))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=2e-2 * scale, err_msg=name)
+    # Operand dtypes of every dot in the compiled program (XLA:CPU upcasts the plain-autodiff
+    # version's dots to fp32, which is what the custom VJP is for).
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, w, b).compile().as_text()
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    dots = [(types[a], types[c]) for a, c in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+    assert dots == [("bf16", "bf16")] * 3, dots  # forward, dx, dw
+    # fp32 inputs take the plain path: the same numbers as the einsum.
+    np.testing.assert_allclose(np.asarray(attention.project(x.astype(jnp.float32), w, b)), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 # "full" is slow-marked (127 s on the 2-core AVX2 machine); "minimal" (the bench default) stays in the default run.
