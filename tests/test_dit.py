@@ -208,8 +208,27 @@ def test_bf16_projection_matches_fp32_and_keeps_its_matmuls_in_bf16():
     types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
     dots = [(types[a], types[c]) for a, c in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
     assert dots == [("bf16", "bf16")] * 3, dots  # forward, dx, dw
-    # fp32 inputs take the plain path: the same numbers as the einsum.
-    np.testing.assert_allclose(np.asarray(attention.project(x.astype(jnp.float32), w, b)), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_dim,out_shape", [(8, (3, 4, 8)), (48, (6,)), (16, None)])
+def test_fp32_projection_equals_plain_autodiff(in_dim, out_shape):
+    """attention.project in fp32 (its CPU custom VJP picks which operand of the weight gradient
+    XLA transposes: both branches, in < out and in > out, a multi-axis output, no bias) gives
+    the value and gradients of plain autodiff of x @ w + b."""
+    out_shape = out_shape or (in_dim // 2,)
+    ks = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(ks[0], (3, 7, in_dim))
+    w = jax.random.normal(ks[1], (in_dim, *out_shape))
+    b = None if len(out_shape) == 1 and out_shape[0] == in_dim // 2 else jax.random.normal(ks[2], out_shape)
+    probe = jax.random.normal(ks[3], (3, 7, *out_shape))
+    plain = lambda x, w, b: jnp.tensordot(x, w, 1) + (0.0 if b is None else b)
+    argnums = (0, 1) if b is None else (0, 1, 2)
+    grads = jax.grad(lambda *a: jnp.sum(attention.project(*a) * probe), argnums)(x, w, b)
+    ref = jax.grad(lambda *a: jnp.sum(plain(*a) * probe), argnums)(x, w, b)
+    np.testing.assert_allclose(attention.project(x, w, b), plain(x, w, b), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref):
+        assert g.shape == r.shape and g.dtype == jnp.float32
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
 
 
 # "full" is slow-marked (127 s on the 2-core AVX2 machine); "minimal" (the bench default) stays in the default run.
