@@ -251,6 +251,24 @@ def test_scan_equals_unrolled_with_grads(policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
 
+def test_minimal_remat_runs_each_attention_forward_once():
+    """Remat "minimal" keeps the attention outputs and softmax statistics, so its gradient
+    program has exactly the batched (attention) matmuls of no remat at all: the attention
+    forward is not re-run in the backward pass to rebuild its residuals ("full" re-runs it)."""
+    exs = [example((2, 2, 2), 0, tiny_config()), example((1, 2, 2), 1, tiny_config())]
+    batch = pack(exs, 14, 2)
+
+    def batched_dots(policy):
+        model = randomize(dit.create_dit(tiny_config(remat_policy=policy)))
+        graphdef, params = nnx.split(model, nnx.Param)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(*batch[:4], text_ids=batch[4]) ** 2)
+        hlo = jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
+        return sum("batching_dims" in line for line in hlo.splitlines() if "dot_general" in line)
+
+    counts = {policy: batched_dots(policy) for policy in ("none", "minimal", "full")}
+    assert counts["none"] > 0 and counts["minimal"] == counts["none"] < counts["full"], counts
+
+
 def test_dense_under_fsdp_and_tensor_mesh_keeps_batch_rows():
     """The one-matmul XLA miscompile behind the old fsdp failure (see sharding.gather_for_compute).
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from sora_jax import sharding
 
@@ -127,6 +128,9 @@ def _attention_fwd(q, k, v, mask):
     row_sum = jnp.sum(p, -1, keepdims=True)
     o = (jnp.einsum("bnqk,bnkh->bnqh", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / row_sum)
     o = o.astype(q.dtype)
+    # Named so a remat policy can keep them (dit.remat_policy "minimal"): otherwise remat
+    # re-runs this whole forward in the backward pass just to rebuild these residuals.
+    o, m, row_sum = (checkpoint_name(a, "attention_out") for a in (o, m, row_sum))
     # The row max and sum are kept apart (not as one log-sum-exp): m + log(sum) would lose the
     # log(sum) against the -1e30 fill of a fully masked row.
     return o, (q, k, v, mask, o, m, row_sum)

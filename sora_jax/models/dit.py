@@ -97,8 +97,14 @@ def remat_policy(name: str):
     """jax.checkpoint policy by name (None = no remat). Tags are set with checkpoint_name in Block."""
     if name == "none":
         return None
-    if name == "minimal":  # keep every matmul output, recompute norms, softmax, activations
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    # "minimal": keep every projection's output and each attention's output and softmax row
+    # statistics (tagged in attention._attention_fwd), recompute norms, activations and the
+    # rest. Without the attention tags the backward pass ran every attention forward twice
+    # (once to rebuild its residuals): bench-small step ~0.82 -> ~0.77 s on CPU.
+    if name == "minimal":
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            jax.checkpoint_policies.save_only_these_names("attention_out"))
     if name == "save_qkv_proj":
         return jax.checkpoint_policies.save_only_these_names("qkv_proj", "context_kv_proj")
     if name == "full":
