@@ -155,10 +155,13 @@ def test_taps_and_xla_convs_agree():
     np.testing.assert_allclose(a.decode(z), b.decode(z), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("cin,cout", [(3, 16), (16, 3), (8, 8)])
-def test_tap_conv_paths_match_xla_conv(cin, cout):
-    """The three "taps" paths (im2col for few input channels, output-side taps for few
-    output channels, per-tap matmuls otherwise) equal lax.conv_general_dilated."""
+@pytest.mark.parametrize("cin,cout,max_overhead", [(3, 16, 1.3), (16, 3, 1.3), (8, 8, 0.0), (8, 8, float("inf"))])
+def test_tap_conv_paths_match_xla_conv(cin, cout, max_overhead, monkeypatch):
+    """The four "taps" paths (im2col for few input channels, output-side taps for few
+    output channels, and for the rest per-tap shifted inputs or, forced here by the
+    overhead threshold, shifted outputs over the flattened frame) equal
+    lax.conv_general_dilated."""
+    monkeypatch.setattr(vae, "_SHIFTED_OUTPUT_MAX_OVERHEAD", max_overhead)
     with nnx.use_eager_sharding(False):
         taps = vae.CausalConv3d(cin, cout, impl="taps", rngs=nnx.Rngs(0))
         ref = vae.CausalConv3d(cin, cout, impl="xla", rngs=nnx.Rngs(0))
