@@ -146,10 +146,12 @@ def _conv_init():
 
 
 # _taps uses shifted outputs when the padded input has at most this many times the
-# output's positions (large frames; small ones waste too much matmul on padding).
-# Measured at vae-small 17x64x64: 1.0 (never) encode 68 / decode 33 fps, 1.2: 73 / 39,
-# 1.3: 72 / 40, 1.45: 70 / 39, always: 71 / 39.
-_SHIFTED_OUTPUT_MAX_OVERHEAD = 1.3
+# output's positions (video frames; small or single-frame inputs waste too much matmul on
+# padding). With kw folded into the contraction, bench vae in alternating runs: 17x64x64 and
+# 17x32x32 and 17x128x128 run at the same speed with 1.3, 2 or always (within run-to-run
+# noise) while 2 lowers peak RSS ~10-20% against 1.3; a 1x256x256 image (ratio >= 3 from
+# the causal time padding) encodes at 3.0-3.3 fps with 2 but 1.9 fps always.
+_SHIFTED_OUTPUT_MAX_OVERHEAD = 2.0
 
 
 class CausalConv3d(nnx.Module):
@@ -251,13 +253,20 @@ class CausalConv3d(nnx.Module):
         n = t * hp * wp
         tail = (kh - 1) * wp + kw - 1
         xf = jnp.pad(x.reshape(bsz, tp * hp * wp, cin), ((0, 0), (0, tail), (0, 0)))
+        # The kw taps of a row are folded into the contraction: kw shifted copies of the flat
+        # input side by side (kw*cin channels) turn kt*kh*kw thin (cin x cout) matmuls into
+        # kt*kh ones with a kw-times deeper contraction. At cin=32 the thin matmuls were
+        # memory-bound (~60 GF/s); bench vae 17x64x64 in alternating runs: encode 70-73 ->
+        # 91-105 fps, decode 38-39 -> 46-50 fps, peak RSS 1333 -> 1070 MiB. Folding kh too
+        # (9x the input copied) was slower: 71-73 / 30 fps.
+        length = tp * hp * wp + (kh - 1) * wp
+        cols = jnp.concatenate([xf[:, c:c + length] for c in range(kw)], -1)
         y = 0.0
         for a in range(kt):
             for b in range(kh):
-                for c in range(kw):
-                    off = (a * hp + b) * wp + c
-                    z = jnp.einsum("bnc,cd->bnd", xf, w[a, b, c])
-                    y = y + z[:, off:off + n]
+                off = (a * hp + b) * wp
+                z = jnp.einsum("bnk,kd->bnd", cols, w[a, b].reshape(kw * cin, -1))
+                y = y + z[:, off:off + n]
         return y.reshape(bsz, t, hp, wp, -1)[:, :, :h, :wd]
 
 
