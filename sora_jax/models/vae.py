@@ -243,9 +243,9 @@ class CausalConv3d(nnx.Module):
         return y
 
     def _shifted_output_taps(self, x, w, t, h, wd):
-        # Each tap multiplies the whole padded input, flattened over (t, h, w), and its result
-        # is added at that tap's flat offset; the rows that wrap across an edge land only in
-        # the padding columns, which the final crop drops. This trades the per-tap strided
+        # Each tap (below: each row of kw taps) multiplies the whole padded input, flattened
+        # over (t, h, w), and its result is added at that tap's flat offset; the rows that
+        # wrap across an edge land only in the padding columns, which the final crop drops. This trades the per-tap strided
         # copies of the input (27 per 3x3x3 conv; slice copies were 154 of 366 thunk-ms in
         # vae-small encode) for matmuls over (padded / output) times as many rows.
         kt, kh, kw = self.kernel_size
