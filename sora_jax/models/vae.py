@@ -149,7 +149,7 @@ def _conv_init():
 # output's positions (video frames; small or single-frame inputs waste too much matmul on
 # padding). With kw folded into the contraction, bench vae in alternating runs: 17x64x64 and
 # 17x32x32 and 17x128x128 run at the same speed with 1.3, 2 or always (within run-to-run
-# noise) while 2 lowers peak RSS ~10-20% against 1.3; a 1x256x256 image (ratio >= 3 from
+# noise) while 2 lowers peak RSS ~10-22% against 1.3; a 1x256x256 image (ratio >= 3 from
 # the causal time padding) encodes at 3.0-3.3 fps with 2 but 1.9 fps always.
 _SHIFTED_OUTPUT_MAX_OVERHEAD = 2.0
 
@@ -256,8 +256,8 @@ class CausalConv3d(nnx.Module):
         # The kw taps of a row are folded into the contraction: kw shifted copies of the flat
         # input side by side (kw*cin channels) turn kt*kh*kw thin (cin x cout) matmuls into
         # kt*kh ones with a kw-times deeper contraction. At cin=32 the thin matmuls were
-        # memory-bound (~60 GF/s); bench vae 17x64x64 in alternating runs: encode 70-73 ->
-        # 91-105 fps, decode 38-39 -> 46-50 fps, peak RSS 1333 -> 1070 MiB. Folding kh too
+        # memory-bound (~60 GF/s); bench vae 17x64x64 in alternating runs: encode 67-73 ->
+        # 91-105 fps, decode 36-39 -> 46-50 fps, peak RSS 1333 -> 1070 MiB. Folding kh too
         # (9x the input copied) was slower: 71-73 / 30 fps.
         length = tp * hp * wp + (kh - 1) * wp
         cols = jnp.concatenate([xf[:, c:c + length] for c in range(kw)], -1)
