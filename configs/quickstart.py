@@ -1,4 +1,4 @@
-"""The CPU quickstart: a VAE, then a DiT, on the toy world, in about 25-45 minutes on 2 cores.
+"""The CPU quickstart: a VAE, then a DiT, on the toy world, in about 17-45 minutes on 2 cores (machine-dependent).
 
 `python -m sora_jax.quickstart --workdir=DIR` runs the whole pipeline (VAE ->
 latent cache -> DiT -> samples). Each stage is also an ordinary config:
@@ -19,9 +19,10 @@ from sora_jax import config_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Measured (README): sprint 4, on a 2-core AVX2 machine about half as fast as sprint 3's: VAE 17.5 min,
-# latent cache 5.7 min, DiT 20.9 min, samples 28 s (sprint 3 there: 13.6, 2.8, 8.3 min, 14 s).
-QUICK_STEPS = {"vae": 1000, "dit": 1000}
+# Measured (README): sprint 9, 2-core Intel AMX Xeon: VAE 8.2 min (1500 "taps" steps), latent cache
+# 1.4 min, DiT 7.5 min, samples 12 s. Sprint 4 (1000 "xla" VAE steps) on a 2-core AVX2 machine about
+# half as fast: 17.5, 5.7, 20.9 min, 28 s.
+QUICK_STEPS = {"vae": 1500, "dit": 1000}
 MICRO_STEPS = {"vae": 4, "dit": 4}
 
 # The world both stages see: toy-world videos of up to 17 frames in a 48x48 pixel budget.

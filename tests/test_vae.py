@@ -153,6 +153,12 @@ def test_taps_and_xla_convs_agree():
     np.testing.assert_allclose(_encode(a, video)[0], _encode(b, video)[0], atol=1e-4, rtol=1e-4)
     z = _encode(b, video)[0]
     np.testing.assert_allclose(a.decode(z), b.decode(z), atol=1e-4, rtol=1e-4)
+    # with_conv_impl (the VAE stage's evals): a copy on the other path, the original untouched.
+    c = vae.with_conv_impl(a, "xla")
+    impls = lambda m: {mod.impl for _, mod in nnx.iter_modules(m) if isinstance(mod, vae.CausalConv3d)}
+    assert impls(c) == {"xla"} and "taps" in impls(a)
+    assert nnx.graphdef(c) == nnx.graphdef(b)
+    np.testing.assert_allclose(_encode(c, video)[0], _encode(a, video)[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cin,cout,max_overhead", [(3, 16, 1.3), (16, 3, 1.3), (8, 8, 0.0), (8, 8, float("inf"))])

@@ -208,6 +208,8 @@ class VAEStage(Stage):
     def on_eval(self, model, workdir: str, step: int, writer: Any) -> None:
         from sora_jax.data import video_io
 
+        # One compile per eval shape (native sizes, images and videos): the fast-compiling convs.
+        model = vae_lib.with_conv_impl(model, "xla")
         written = 0
 
         def write_side_by_side(video, recon, keep, kind):
@@ -283,7 +285,7 @@ class VAEStage(Stage):
         return self._scores(model, batches)
 
     def on_finish(self, model, workdir: str) -> None:
-        stats = compute_latent_stats(model, self.train_batches(jax.process_index(), jax.process_count()),
+        stats = compute_latent_stats(vae_lib.with_conv_impl(model, "xla"), self.train_batches(jax.process_index(), jax.process_count()),
                                      int(self.opts.stats_batches))
         if jax.process_index() == 0:
             write_latent_stats(stats, workdir)
