@@ -31,7 +31,7 @@ class VAEHandle:
         # per shape and, at the toy world's sizes, compiles dominate: caching 384 quickstart clips
         # of 25 shapes took 32 s with "xla", 105 s with "taps" (2-core CPU, 2026-12-03).
         self.model = model if conv_impl is None else vae_lib.with_conv_impl(model, conv_impl)
-        self.cfg = model.cfg
+        self.cfg = self.model.cfg
         c = self.cfg.latent_channels
         stats = dict(stats or {"mean": [0.0] * c, "std": [1.0] * c})
         if len(stats["mean"]) != c or len(stats["std"]) != c:

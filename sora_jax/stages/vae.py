@@ -285,7 +285,8 @@ class VAEStage(Stage):
         return self._scores(model, batches)
 
     def on_finish(self, model, workdir: str) -> None:
-        stats = compute_latent_stats(vae_lib.with_conv_impl(model, "xla"), self.train_batches(jax.process_index(), jax.process_count()),
+        model = vae_lib.with_conv_impl(model, "xla")  # one compile per training shape, as on_eval
+        stats = compute_latent_stats(model, self.train_batches(jax.process_index(), jax.process_count()),
                                      int(self.opts.stats_batches))
         if jax.process_index() == 0:
             write_latent_stats(stats, workdir)
