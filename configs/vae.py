@@ -37,7 +37,7 @@ VARIANTS = {
         # PSNR after 250 steps (18.6 vs 18.8 dB; docs/vae.md), so more steps fit in the budget.
         # The tent decoder shortcut: latent errors (a DiT's) decode without the 8x8 seams of
         # the per-cell one (grid ratio 1.5 vs 3.4 under latent noise) for -0.2 dB (docs/vae.md).
-        # "taps" convs: 3.6-3.75 vs 2.6 training steps/s on the 2-core AMX Xeon (the same losses), so
+        # "taps" convs: 3.6-3.8 vs 2.6 training steps/s on the 2-core AMX Xeon (the same losses), so
         # 1500 steps fit where 1000 did; its evals compile with "xla" (stages/vae.py on_eval).
         dict(base_width=32, channel_mult=(1, 2, 4), input_patch=2, num_res_blocks=1, decoder_res_blocks=2,
              conv_impl="taps", shortcut_decoder="tent"),
