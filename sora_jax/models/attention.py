@@ -205,7 +205,7 @@ def project(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array
     if jax.default_backend() != "cpu":
         y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
         return y if b is None else y + b.astype(x.dtype)
-    return _project_cpu(x, w, jnp.zeros(w.shape[1:], jnp.float32) if b is None else b)
+    return _project_cpu_nobias(x, w) if b is None else _project_cpu(x, w, b)
 
 
 def _contract(a, b, dims):
@@ -245,6 +245,25 @@ def _project_cpu_bwd(res, dy):
 
 
 _project_cpu.defvjp(_project_cpu_fwd, _project_cpu_bwd)
+
+
+# Without a bias (the VAE's conv taps): no zero bias added to every output and no bias gradient.
+@jax.custom_vjp
+def _project_cpu_nobias(x, w):
+    return _project_cpu_nobias_fwd(x, w)[0]
+
+
+def _project_cpu_nobias_fwd(x, w):
+    return _contract(x, w.astype(x.dtype), ((x.ndim - 1,), (0,))).astype(x.dtype), (x, w)
+
+
+def _project_cpu_nobias_bwd(res, dy):
+    x, w = res
+    dx, dw, _ = _project_cpu_bwd((x, w, jnp.zeros((), jnp.float32)), dy)
+    return dx, dw
+
+
+_project_cpu_nobias.defvjp(_project_cpu_nobias_fwd, _project_cpu_nobias_bwd)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -65,6 +65,10 @@ class VAEConfig:
     # with its neighbours (bilinear blending, continuous across cell borders).
     shortcut_decoder: str = "cell"
     logvar_clip: tuple[float, float] = (-30.0, 20.0)
+    # Activations and matmul operands of the encoder and decoder networks ("float32" | "bfloat16").
+    # Parameters stay in their own dtype (fp32), matmuls accumulate in fp32, the patch shortcut,
+    # the moments and the decoded video are fp32.
+    compute_dtype: str = "float32"
 
     @property
     def spatial_compression(self) -> int:
@@ -90,6 +94,8 @@ class VAEConfig:
             raise ValueError(f"model.shortcut_decoder must be 'cell' or 'tent', got {self.shortcut_decoder!r}")
         if self.shortcut_decoder == "tent" and self.spatial_compression % 2:
             raise ValueError(f"model.shortcut_decoder='tent' needs an even spatial compression, got {self.spatial_compression}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if self.conv_impl not in ("taps", "xla"):
             raise ValueError(f"model.conv_impl must be 'taps' or 'xla', got {self.conv_impl!r}")
 
@@ -181,7 +187,7 @@ class CausalConv3d(nnx.Module):
 
     def __call__(self, x: jax.Array, cache: CausalCache | None = None) -> jax.Array:
         kt, kh, kw = self.kernel_size
-        w = self.kernel[...].astype(x.dtype)
+        w = self.kernel[...]  # the taps' project() casts it to x's dtype itself and keeps dw in fp32
         if kt > 1:
             zeros = jnp.zeros((x.shape[0], kt - 1) + x.shape[2:], x.dtype)
             past = zeros if cache is None else cache.read(zeros)
@@ -192,11 +198,13 @@ class CausalConv3d(nnx.Module):
         if self.impl == "taps" and self.stride == 1 and kh * kw > 1:
             y = self._taps(x, w)
         elif kt == 1:
+            w = w.astype(x.dtype)
             y = lax.conv_general_dilated(
                 x.reshape((b * t,) + x.shape[2:]), w[0], (self.stride, self.stride), self._spatial_pad(),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
             y = y.reshape((b, t) + y.shape[1:])
         else:
+            w = w.astype(x.dtype)
             y = lax.conv_general_dilated(
                 x, w, (1, self.stride, self.stride), ((0, 0),) + self._spatial_pad(),
                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
@@ -324,8 +332,9 @@ class FrameAttention(nnx.Module):
     def __call__(self, x, cache=None):
         b, t, h, w, c = x.shape
         q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b * t, h * w, 3 * c), 3, axis=-1)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c)
-        o = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits.astype(jnp.float32), -1).astype(x.dtype), v)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
+        p = jax.nn.softmax(logits, -1).astype(x.dtype)
+        o = jnp.einsum("bqk,bkc->bqc", p, v, preferred_element_type=jnp.float32).astype(x.dtype)
         _add_flops(2 * 2 * b * t * (h * w) ** 2 * c)
         return x + self.proj(o.reshape(b, t, h, w, c))
 
@@ -470,7 +479,7 @@ class CausalVAE(nnx.Module):
         if cache is None:
             check_video_shape(*video.shape[1:4], self.cfg)
         video = sharding.constrain(video, ACT)
-        moments = self.encoder(video, cache)
+        moments = self.encoder(video.astype(self.cfg.compute_dtype), cache).astype(jnp.float32)
         if self.shortcut is not None:
             moments = moments + self.shortcut.encode(video, first=cache is None or cache.first)
         mean, logvar = jnp.split(moments, 2, axis=-1)
@@ -478,7 +487,7 @@ class CausalVAE(nnx.Module):
 
     def decode(self, z: jax.Array, cache: CausalCache | None = None) -> jax.Array:
         z = sharding.constrain(z, ACT)
-        video = self.decoder(z, cache)
+        video = self.decoder(z.astype(self.cfg.compute_dtype), cache).astype(jnp.float32)
         if self.shortcut is not None:
             video = video + self.shortcut.decode(z, first=cache is None or cache.first)
         return video
