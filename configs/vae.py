@@ -6,7 +6,7 @@ Variants (the first argument):
   small     the "vae-small" bench architecture (base width 32, mults (1,2,4,4), one res
             block per level, 16 latent channels, 4x8x8; 10.1M parameters, the same as
             diffusers' AutoencoderKLWan(base_dim=32)) on 17-frame 64x64 toy-world clips
-  quick     the ~15 min CPU fidelity run (and the quickstart's VAE): a 2x2 pixel unshuffle,
+  quick     the ~15 min CPU fidelity run (the quickstart's VAE, at 1500 steps): a 2x2 pixel unshuffle,
             then widths 32/64/128, same compression (4x8x8, 16 channels), trained on 9-frame
             32x32 clips plus images
             (one video shape, one compile); the last eval also scores held-out clips of up to
@@ -37,8 +37,9 @@ VARIANTS = {
         # PSNR after 250 steps (18.6 vs 18.8 dB; docs/vae.md), so more steps fit in the budget.
         # The tent decoder shortcut: latent errors (a DiT's) decode without the 8x8 seams of
         # the per-cell one (grid ratio 1.5 vs 3.4 under latent noise) for -0.2 dB (docs/vae.md).
-        # "taps" convs: 3.6-3.8 vs 2.6 training steps/s on the 2-core AMX Xeon (the same losses), so
-        # 1500 steps fit where 1000 did; its evals compile with "xla" (stages/vae.py on_eval).
+        # "taps" convs: 3.6-3.8 vs 2.6 training steps/s on the 2-core AMX Xeon (the same losses);
+        # since sprint 10 (split kernels, project()'s VJP) 4.1-4.3, so 3000 steps take 13.8 min
+        # there from launch (docs/vae.md); its evals compile with "xla" (stages/vae.py on_eval).
         dict(base_width=32, channel_mult=(1, 2, 4), input_patch=2, num_res_blocks=1, decoder_res_blocks=2,
              conv_impl="taps", shortcut_decoder="tent"),
         # 9-frame clips (three latent frames): trained on 5-frame clips (two latent frames) the
@@ -46,7 +47,7 @@ VARIANTS = {
         # worse with training (frames 5-8 at 16.1 dB after 4000 steps; docs/vae.md).
         dict(frames=9, pixels=32 * 32, batch_size=2, max_batch_size=16, num_train=4096, num_eval=32),
         dict(image_prob=0.15, aspect_ratios=["1:1"], frame_step=8),
-        1500, 2e-3,  # lr 3e-3 was worse (20.7 vs 21.1 dB at step 1200 of 1500)
+        3000, 2e-3,  # lr 3e-3 was worse (20.7 vs 21.1 dB at step 1200 of 1500); the quickstart runs 1500
     ),
     "micro": (
         dict(base_width=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, decoder_res_blocks=1,
