@@ -19,10 +19,9 @@ from sora_jax import config_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Measured (README): sprint 9, 2-core Intel AMX Xeon: VAE 8.2 min (1500 "taps" steps), latent cache
-# 1.4 min, DiT 7.5 min, samples 12 s. Sprint 4 (1000 "xla" VAE steps) on a 2-core AVX2 machine about
-# half as fast: 17.5, 5.7, 20.9 min, 28 s. Since sprint 10 the VAE's 1500 steps run at 4.1-4.3 instead of
-# 3.6-3.8 steps/s (same losses; the stage was not re-timed end to end).
+# Measured (README): sprint 10, 2-core Intel AMX Xeon: VAE 7.8 min (1500 "taps" steps at 4.2 steps/s),
+# latent cache 1.6 min, DiT 8.6 min, samples 13 s (18.2 min). Sprint 4 (1000 "xla" VAE steps) on a 2-core
+# AVX2 machine about half as fast: 17.5, 5.7, 20.9 min, 28 s.
 QUICK_STEPS = {"vae": 1500, "dit": 1000}
 MICRO_STEPS = {"vae": 4, "dit": 4}
 
