@@ -43,9 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark {name!r} is not available yet (no module sora_jax/bench_{name}.py)", file=sys.stderr)
         return 2
     result = module.run(rest)
+    # The peer (run_peer.sh) inherits this process's environment, huge pages included.
+    from sora_jax import hugepages
+
+    result.setdefault("malloc_hugepages", hugepages.enabled())
     print(json.dumps({"bench": name, **result}, sort_keys=True))
     return 0
 
 
 if __name__ == "__main__":
+    from sora_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # before JAX starts: see sora_jax/hugepages.py
     sys.exit(main())

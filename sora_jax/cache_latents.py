@@ -81,5 +81,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from sora_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # before JAX starts: see sora_jax/hugepages.py
     flags.mark_flags_as_required(["vae_workdir", "out"])
     app.run(main)

@@ -35,11 +35,13 @@ def main(argv):
     )
     import jax
 
+    from sora_jax import hugepages
     from sora_jax.train import loop, preflight
 
     if jax.process_index() == 0:
         print(f"[sora_jax] {jax.process_count()} process(es) ({how}), {jax.device_count()} devices "
-              f"({jax.devices()[0].device_kind}); workdir {_WORKDIR.value}", flush=True)
+              f"({jax.devices()[0].device_kind}), malloc huge pages {'on' if hugepages.enabled() else 'off'}; "
+              f"workdir {_WORKDIR.value}", flush=True)
     try:
         result = loop.train(_CONFIG.value, _WORKDIR.value)
     except (loop.NonFiniteError, preflight.PreflightError) as err:
@@ -50,4 +52,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from sora_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # before JAX starts: see sora_jax/hugepages.py
     app.run(main)

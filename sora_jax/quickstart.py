@@ -129,4 +129,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from sora_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # before JAX starts: see sora_jax/hugepages.py
     app.run(main)

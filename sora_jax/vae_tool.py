@@ -60,4 +60,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from sora_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # before JAX starts: see sora_jax/hugepages.py
     sys.exit(main())
