@@ -40,8 +40,9 @@ VARIANTS = {
         # "taps" convs: 3.6-3.8 vs 2.6 training steps/s on the 2-core AMX Xeon (the same losses);
         # since sprint 10 (split kernels, project()'s VJP) 4.1-4.3, so 3000 steps take 13.8 min
         # there from launch (docs/vae.md); its evals compile with "xla" (stages/vae.py on_eval).
+        # conv_impl "auto" (the model's default) is "taps" on CPU and "xla" on GPU / TPU.
         dict(base_width=32, channel_mult=(1, 2, 4), input_patch=2, num_res_blocks=1, decoder_res_blocks=2,
-             conv_impl="taps", shortcut_decoder="tent"),
+             shortcut_decoder="tent"),
         # 9-frame clips (three latent frames): trained on 5-frame clips (two latent frames) the
         # causal context of every later latent frame is never seen, and 9-frame videos got
         # worse with training (frames 5-8 at 16.1 dB after 4000 steps; docs/vae.md).
@@ -84,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(dict(
         base_width=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2, latent_channels=16,
-        temporal_compression=4, mid_attention=True, conv_impl="taps", input_patch=1,
+        temporal_compression=4, mid_attention=True, conv_impl="auto", input_patch=1,
         patch_shortcut=True, shortcut_decoder="cell", compute_dtype="float32"))
     config.model.update(model_over)
 

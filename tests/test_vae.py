@@ -161,6 +161,19 @@ def test_taps_and_xla_convs_agree():
     np.testing.assert_allclose(_encode(c, video)[0], _encode(a, video)[0], atol=1e-4, rtol=1e-4)
 
 
+def test_auto_conv_impl_is_taps_on_cpu_and_xla_conv_elsewhere(monkeypatch):
+    with nnx.use_eager_sharding(False):
+        conv = vae.CausalConv3d(8, 8, impl="auto", rngs=nnx.Rngs(0))
+    assert vae.vae_config({}).conv_impl == "auto"
+    x = jnp.ones((1, 3, 6, 6, 8))
+    hlo = lambda: jax.jit(lambda x: conv(x)).lower(x).as_text()  # noqa: E731
+    assert jax.default_backend() == "cpu" and "convolution" not in hlo()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # traced as if for a GPU
+    assert "convolution" in hlo()
+    with pytest.raises(ValueError, match="conv_impl"):
+        vae.vae_config(dict(conv_impl="cudnn"))
+
+
 @pytest.mark.parametrize("cin,cout,max_overhead", [(3, 16, 1.3), (16, 3, 1.3), (8, 8, 0.0), (8, 8, float("inf"))])
 def test_tap_conv_paths_match_xla_conv(cin, cout, max_overhead, monkeypatch):
     """The four "taps" paths (im2col for few input channels, output-side taps for few

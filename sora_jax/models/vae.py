@@ -41,6 +41,8 @@ ACT = ("activation_batch", "activation_frames", "activation_height", "activation
 CONV_AXES = ("kernel_t", "kernel_h", "kernel_w", "conv_in", "conv_out")
 
 
+CONV_IMPLS = ("auto", "taps", "xla")
+
 # ----------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------
@@ -53,7 +55,9 @@ class VAEConfig:
     latent_channels: int = 16
     temporal_compression: int = 4
     mid_attention: bool = True
-    conv_impl: str = "taps"  # "taps" (sum of per-tap matmuls) | "xla" (lax.conv_general_dilated)
+    # "taps" (sums of per-tap matmuls: faster on XLA:CPU, docs/vae.md) | "xla" (lax.conv_general_dilated,
+    # which GPUs and TPUs run as their own tuned convolutions) | "auto" ("taps" on CPU, "xla" elsewhere).
+    conv_impl: str = "auto"
     patch_shortcut: bool = True  # linear (4x8x8 patch <-> latent cell) paths around both networks
     # Pixel (un)shuffle of p x p pixels to channels before the encoder and after the decoder
     # (as LTX-Video's VAE): the convolutions then start at H/p with wider channels, which
@@ -96,8 +100,8 @@ class VAEConfig:
             raise ValueError(f"model.shortcut_decoder='tent' needs an even spatial compression, got {self.spatial_compression}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        if self.conv_impl not in ("taps", "xla"):
-            raise ValueError(f"model.conv_impl must be 'taps' or 'xla', got {self.conv_impl!r}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
 
 
 def vae_config(cfg: Any) -> VAEConfig:
@@ -195,7 +199,8 @@ class CausalConv3d(nnx.Module):
             if cache is not None:
                 cache.write(x[:, -(kt - 1):])
         b, t = x.shape[:2]
-        if self.impl == "taps" and self.stride == 1 and kh * kw > 1:
+        impl = self.impl if self.impl != "auto" else ("taps" if jax.default_backend() == "cpu" else "xla")
+        if impl == "taps" and self.stride == 1 and kh * kw > 1:
             y = self._taps(x, w)
         elif kt == 1:
             w = w.astype(x.dtype)
