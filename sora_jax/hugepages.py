@@ -65,10 +65,11 @@ def tunables_with_hugepages(env: dict, mode: str | None, glibc: tuple[int, int] 
     return f"{current}:{TUNABLE}" if current else TUNABLE
 
 
-def enabled(env=None) -> bool:
-    """True if this process's malloc asks for huge pages (reported by the benchmarks)."""
+def enabled(env=None, mode: str | None = None) -> bool:
+    """True if this process's malloc gets transparent huge pages (reported by the CLIs and benchmarks)."""
     env = os.environ if env is None else env
-    return "glibc.malloc.hugetlb=1" in env.get("GLIBC_TUNABLES", "") or thp_mode() == "always"
+    mode = thp_mode() if mode is None else mode
+    return mode == "always" or (mode == "madvise" and TUNABLE in env.get("GLIBC_TUNABLES", "").split(":"))
 
 
 def reexec_with_hugepages() -> None:

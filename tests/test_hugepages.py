@@ -31,6 +31,13 @@ def test_when_to_reexec(env, mode, glibc, system, expected):
     assert hugepages.tunables_with_hugepages(env, mode, glibc, system) == expected
 
 
+def test_enabled_needs_the_tunable_and_a_thp_mode_that_honours_it():
+    on = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + hugepages.TUNABLE}
+    assert hugepages.enabled(on, "madvise") and hugepages.enabled({}, "always")
+    assert not hugepages.enabled({}, "madvise") and not hugepages.enabled(on, "never")
+    assert not hugepages.enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise")
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
