@@ -1,15 +1,15 @@
 """Transparent huge pages for XLA:CPU's buffers: the command-line tools re-exec once with them.
 
-Why. XLA:CPU allocates each execution's large buffers with malloc (a bench-small DiT step
-maps ~276 MiB of fresh pages), in 4 KiB pages. glibc's `glibc.malloc.hugetlb=1` tunable makes
+Why. XLA:CPU allocates each execution's large buffers with malloc (sprint 6 counted ~276 MiB
+of freshly mapped pages per bench-small DiT step), in 4 KiB pages. glibc's `glibc.malloc.hugetlb=1` tunable makes
 malloc ask for transparent huge pages (madvise), so those buffers come in 2 MiB pages: fewer
 page faults and TLB misses (which of the two matters was not separated; removing the faults
 alone, with malloc's mmap off, gave no gain: docs/dit.md, sprint 6). Measured on a 2-core
 Intel Xeon (AVX-512, AMX), runs alternated with and without:
-- `bench dit` (bench-small training step): 0.86-0.91 -> 0.79-0.85 s; in its profile the
+- `bench dit` (bench-small training step): 0.86-0.91 -> 0.79-0.87 s; in its profile the
   zero fill of the scan's stacked buffers fell from 80 to 45 thunk-ms per step, the rest
   of the ~80 ms gained is spread over the matmuls and fusions;
-- `bench vae`: encode 78-85 -> 88-96 frames/s, decode within noise;
+- `bench vae`: encode 78-88 -> 88-96 frames/s, decode within noise;
 - the quick VAE config's value-and-gradient: 0.228-0.230 -> 0.218-0.220 s.
 The peer of the benchmarks (PyTorch, run as a child process) inherits the setting and gains too.
 
