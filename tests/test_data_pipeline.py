@@ -75,6 +75,35 @@ def test_square_crop_gives_squares_and_resize_fixed():
     assert crop.shape[1:3] == (48, 48) and crop[0, 0, 0, 0] == video[0, 0, 16, 0]
 
 
+def test_random_crop_keeps_native_scale_and_varies_the_window():
+    # Pixel values encode their native (row, col), so a crop must be a contiguous window of the
+    # native frame (no rescaling), placed at random in training and centred without an rng.
+    rows, cols = np.meshgrid(np.arange(48), np.arange(80), indexing="ij")
+    video = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)[None].repeat(5, 0)
+    c = small_config(resolution="random_crop", pixels=48 * 80, multiple=16, size=32)
+    centre = transforms.apply_resolution(video, c)
+    assert centre.shape == (5, 32, 32, 3)
+    assert centre[0, 0, 0, 0] == 8 and centre[0, 0, 0, 1] == 24
+    tops_lefts = set()
+    for seed in range(20):
+        out = transforms.apply_resolution(video, c, np.random.default_rng(seed))
+        top, left = int(out[0, 0, 0, 0]), int(out[0, 0, 0, 1])
+        np.testing.assert_array_equal(out[0, :, :, 0], rows[top : top + 32, left : left + 32])
+        np.testing.assert_array_equal(out[0, :, :, 1], cols[top : top + 32, left : left + 32])
+        tops_lefts.add((top, left))
+    assert len(tops_lefts) > 5
+    # A frame smaller than the window is enlarged to cover it, keeping its aspect ratio.
+    small = transforms.apply_resolution(video[:, :16, :24], small_config(resolution="random_crop", pixels=48 * 80,
+                                                                          multiple=8, size=32))
+    assert small.shape == (5, 32, 32, 3)
+    # The pipeline's shape bookkeeping agrees with the transform.
+    from sora_jax.data import bucket_schedule
+
+    assert bucket_schedule.clip_key(c, 5, 48, 80, 8.0) == (5, 32, 32, 3)
+    with pytest.raises(ValueError, match="config.data.resolution"):
+        transforms.target_size(48, 80, "crop", pixels=64, size=32, multiple=16)
+
+
 def test_video_transform_range_and_caption_choice():
     c = small_config(caption="short")
     src = sources.make_source(c, "train")

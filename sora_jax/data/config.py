@@ -44,9 +44,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.random_clip = True  # train: random clip start; eval always starts at frame 0
 
     # --- space -------------------------------------------------------------------
-    c.resolution = "native"  # "native" | "square_crop" | "resize"
-    c.pixels = 64 * 64  # native: pixel budget per frame (H*W <= pixels after rounding)
-    c.size = 64  # square_crop: side; resize: side too unless height/width are set
+    c.resolution = "native"  # "native" | "square_crop" | "resize" | "random_crop" (data/transforms.py)
+    c.pixels = 64 * 64  # native, random_crop: pixel budget per frame (H*W <= pixels after rounding)
+    c.size = 64  # square_crop: side; resize, random_crop: side too unless height/width are set
     c.height = 0
     c.width = 0
     c.multiple = 16  # spatial rounding = VAE stride x patch

@@ -7,6 +7,9 @@
                    to `multiple` (what Sora does: train on videos at their own shape);
       square_crop  centre crop to a square, then resize (the report's ablation baseline);
       resize       a fixed (height, width), aspect ratio ignored;
+      random_crop  native size, then a fixed (height, width) crop at a random place
+                   (centred in eval): VAE training on patches of native-scale frames,
+                   so that objects and textures keep the size they have at native scale;
   * normalise to [-1, 1] and tokenise the chosen caption (data/tokenizer.py).
 
 Resizing uses Pillow's BOX (area) filter when shrinking, which is both fast and
@@ -25,6 +28,7 @@ from sora_jax.data.sources import DataError
 from sora_jax.data.tokenizer import HashTokenizer
 
 TEMPORAL_STRIDE = 4  # causal VAE: 1 + 4k frames -> 1 + k latent frames
+RESOLUTIONS = ("native", "square_crop", "resize", "random_crop")
 
 
 def round_frames(n: int, stride: int = TEMPORAL_STRIDE) -> int:
@@ -81,9 +85,9 @@ def target_size(height: int, width: int, policy: str, *, pixels: int, size: int,
         return native_size(height, width, pixels, multiple)
     if policy == "square_crop":
         return size, size
-    if policy == "resize":
+    if policy in ("resize", "random_crop"):
         return out_height or size, out_width or size
-    raise ValueError(f"config.data.resolution must be 'native', 'square_crop' or 'resize', got {policy!r}")
+    raise ValueError(f"config.data.resolution must be one of {RESOLUTIONS}, got {policy!r}")
 
 
 def resize_video(video: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -106,8 +110,29 @@ def centre_crop_square(video: np.ndarray) -> np.ndarray:
     return video[:, top : top + side, left : left + side]
 
 
-def apply_resolution(video: np.ndarray, data_config) -> np.ndarray:
+def crop(video: np.ndarray, height: int, width: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A (height, width) window of the frames: at a random place with `rng`, else centred.
+
+    A frame smaller than the window in either side is first enlarged (aspect kept) to cover it.
+    """
+    _, h, w, _ = video.shape
+    scale = max(height / h, width / w)
+    if scale > 1:
+        h, w = max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
+        video = resize_video(video, h, w)
+    if rng is not None:
+        top, left = int(rng.integers(0, h - height + 1)), int(rng.integers(0, w - width + 1))
+    else:
+        top, left = (h - height) // 2, (w - width) // 2
+    return video[:, top : top + height, left : left + width]
+
+
+def apply_resolution(video: np.ndarray, data_config, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The frames under `data_config.resolution`; `rng` places random_crop's window (train)."""
     c = data_config
+    if c.resolution == "random_crop":
+        h, w = native_size(video.shape[1], video.shape[2], c.pixels, c.multiple)
+        return crop(resize_video(video, h, w), c.height or c.size, c.width or c.size, rng)
     if c.resolution == "square_crop":
         video = centre_crop_square(video)
     h, w = target_size(video.shape[1], video.shape[2], c.resolution, pixels=c.pixels, size=c.size,
@@ -157,7 +182,7 @@ class VideoTransform:
         start = float(rng.uniform()) if (self.train and c.random_clip and rng is not None) else 0.0
         idx = frame_indices(video.shape[0], float(record.get("fps") or 0.0), max_frames=c.frames,
                             frame_stride=c.frame_stride, target_fps=c.fps, start=start)
-        return apply_resolution(video[idx], c)
+        return apply_resolution(video[idx], c, rng if self.train else None)
 
     def __call__(self, record, rng: np.random.Generator | None = None) -> dict:
         return {
