@@ -84,14 +84,14 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
 
     from sora_jax import config_lib
+    from sora_jax.models import vae as vae_lib
     from sora_jax.stages import vae as vae_stage
 
     config = config_lib.load_config(args.config)
     if config.stage != "vae":
         raise ValueError(f"{args.config}: stage is {config.stage!r}, not 'vae'")
-    m = config.model
-    pca = CellPCA(int(m.latent_channels), int(m.temporal_compression),
-                  2 ** (len(m.channel_mult) - 1) * int(m.get("input_patch", 1)))
+    m = vae_lib.vae_config(config.model)
+    pca = CellPCA(m.latent_channels, m.temporal_compression, m.spatial_compression)
 
     class LinearStage(vae_stage.VAEStage):
         def _reconstruct(self, model, video):  # the stage's metrics, PCA's reconstruction
