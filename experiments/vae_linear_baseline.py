@@ -26,7 +26,8 @@ class CellPCA:
 
     def __init__(self, k: int, tc: int, s: int):
         self.k, self.tc, self.s = k, tc, s
-        self.sums = {}  # kind -> [count, sum, sum of outer products] in float64
+        self.sums = {}  # kind -> (count, sum, sum of outer products) in float64
+        self.basis = {}  # kind -> (mean, top-k eigenvectors), set by fit()
 
     def cells(self, video: np.ndarray) -> dict[str, np.ndarray]:
         """(B, T, H, W, 3) -> {"first": (N, s*s*3), "rest": (M, tc*s*s*3)} in raster order."""
@@ -64,7 +65,7 @@ class CellPCA:
         out = np.empty_like(video)
         for kind, x in self.cells(video).items():
             if kind not in self.basis:
-                raise ValueError(f"no {kind!r} cells in the fit batches (videos of more than one frame needed)")
+                raise ValueError(f"no {kind!r} cells fitted: add() videos of more than one frame, then fit()")
             mean, top = self.basis[kind]
             y = (x - mean) @ top @ top.T + mean
             if kind == "first":
@@ -106,8 +107,7 @@ def main(argv=None) -> dict:
         keep = np.asarray(batch["index"]) >= 0
         pca.add(np.asarray(batch["video"])[keep])
     out = {"config": args.config, "latent_channels": pca.k, "cell": [pca.tc, pca.s, pca.s], "fit": pca.fit()}
-    summarise = lambda scores: {f"{kind}_{name}": round(float(np.mean(v)), 3) for kind, d in scores.items()
-                                for name, v in d.items() if v and name != "shapes"}
+    summarise = lambda scores: {k: round(v, 3) for k, v in vae_stage.score_summary(scores).items()}
     out["eval"] = summarise(stage._scores(None, stage.eval_batches()))
     if len(stage.opts.native_eval):
         out["native"] = summarise(stage._native_scores(None))

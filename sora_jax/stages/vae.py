@@ -251,8 +251,7 @@ class VAEStage(Stage):
         return scores
 
     def _write_scores(self, scores, prefix: str, workdir: str, step: int, writer: Any) -> None:
-        summary = {f"{prefix}/{kind}_{m}": float(np.mean(v)) for kind, d in scores.items()
-                   for m, v in d.items() if v and m != "shapes"}
+        summary = {f"{prefix}/{key}": value for key, value in score_summary(scores).items()}
         if hasattr(writer, "write") and summary:
             writer.write(step, summary)
         name = f"step_{step}.json" if prefix == "recon" else f"{prefix}_step_{step}.json"
@@ -290,6 +289,11 @@ class VAEStage(Stage):
                                      int(self.opts.stats_batches))
         if jax.process_index() == 0:
             write_latent_stats(stats, workdir)
+
+
+def score_summary(scores: dict) -> dict:
+    """{kind: {metric: [per-clip values]}} from `VAEStage._scores` -> {"video_psnr": mean, ...}."""
+    return {f"{kind}_{m}": float(np.mean(v)) for kind, d in scores.items() for m, v in d.items() if v and m != "shapes"}
 
 
 # --- latent statistics ----------------------------------------------------------------------
