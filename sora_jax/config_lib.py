@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict(
         dict(
+            name="adamw",  # "adamw" | "muon" (sora_jax/train/optim.py)
             lr=1e-4,
             warmup_steps=100,
             schedule="cosine",  # "cosine" | "constant"
@@ -72,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
             eps=1e-8,
             weight_decay=0.0,
             grad_clip=1.0,
+            muon_beta=0.95,  # Muon's momentum (Nesterov); b1, b2 are its AdamW side's
+            muon_consistent_rms=0.2,  # Muon updates at AdamW's RMS: the same lr works for both
             ema_decay=0.999,  # 0 disables EMA
             microbatches=1,  # gradient accumulation: global batch stays fixed
         )

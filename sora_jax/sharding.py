@@ -120,7 +120,15 @@ def state_shardings(abstract_state: Any, mesh) -> Any:
     Call under `nnx.logical_axis_rules(rules)` so names resolve to mesh axes.
     """
     specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    # get_partition_spec gives empty subtrees (optax's MaskedNode for the parameters a
+    # masked or partitioned optimizer skips) a spec of their own: keep them empty, so the
+    # shardings have the state's structure.
+    return jax.tree.map(lambda node, s: node if _is_empty(node) else s, abstract_state, shardings, is_leaf=_is_empty)
+
+
+def _is_empty(node) -> bool:
+    return node is not None and not jax.tree.leaves(node)
 
 
 def _active_rules():

@@ -195,6 +195,19 @@ class VAEStage(Stage):
         f = vae_lib.vae_forward_flops(self.model_cfg, t, h, w)
         return 3.0 * b * (f["encode"] + f["decode"])
 
+    # Parameters that stay on AdamW under optim.name="muon": the RGB-side input and output convs
+    # and the linear patch shortcut (Muon's usual recipe keeps a network's first and last maps on
+    # Adam; this is the set measured in docs/vae.md, sprint 13).
+    MUON_EXCLUDED = ("encoder/conv_in/", "decoder/conv_out/", "shortcut/")
+
+    def muon_dimension_numbers(self, params: Any) -> Any:
+        from sora_jax.train import optim
+
+        dims = super().muon_dimension_numbers(params)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, d: None if any(optim.path_name(path).startswith(p) for p in self.MUON_EXCLUDED) else d,
+            dims, is_leaf=lambda x: x is None or isinstance(x, optim.MuonDimensionNumbers))
+
     # --- side outputs ----------------------------------------------------------------------------
     def _reconstruct(self, model, video):
         if self._recon_fn is None:

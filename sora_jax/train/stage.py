@@ -109,6 +109,17 @@ class Stage(abc.ABC):
 
         return optim.default_decay_mask(params)
 
+    def muon_dimension_numbers(self, params: Any) -> Any:
+        """For `optim.name="muon"`: prefix tree of `params`, MuonDimensionNumbers (which axes
+        of a weight form Muon's matrix) or None (AdamW) per parameter.
+
+        Default: every kernel under `weight_decay_mask`, viewed through its logical axis names
+        (sora_jax.train.optim.default_muon_dimension_numbers).
+        """
+        from sora_jax.train import optim
+
+        return optim.default_muon_dimension_numbers(params, self.weight_decay_mask)
+
     # --- side outputs --------------------------------------------------------
     def on_eval(self, model: nnx.Module, workdir: str, step: int, writer: Any) -> None:
         """Host-side: write samples or reconstructions for a human.

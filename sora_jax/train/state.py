@@ -46,7 +46,8 @@ def build_train_setup(stage, config: ml_collections.ConfigDict, mesh, rules) -> 
     """Abstract state, shardings and a jitted init. Call under jax.set_mesh + logical_axis_rules."""
     # Stages written against the first protocol have no weight_decay_mask: use the default.
     decay_mask = getattr(stage, "weight_decay_mask", None) or optim_lib.default_decay_mask
-    optimizer = optim_lib.make_optimizer(config.optim, int(config.train.steps), decay_mask)
+    muon_dims = getattr(stage, "muon_dimension_numbers", None)
+    optimizer = optim_lib.make_optimizer(config.optim, int(config.train.steps), decay_mask, muon_dims)
     use_ema = float(config.optim.ema_decay) > 0
     captured = {}
 
