@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
             grad_clip=1.0,
             muon_beta=0.95,  # Muon's momentum (Nesterov); b1, b2 are its AdamW side's
             muon_consistent_rms=0.2,  # Muon updates at AdamW's RMS: the same lr works for both
+            muon_ns_form="auto",  # Newton-Schulz "direct" | "gram" | "auto": fewer FLOPs per matrix
+            muon_gram_restarts=(),  # Gram-form steps that first rebuild X from the product (train/muon.py)
             ema_decay=0.999,  # 0 disables EMA
             microbatches=1,  # gradient accumulation: global batch stays fixed
         )

@@ -5,8 +5,9 @@ learning rate is per stage simply because every stage has its own config.
 Weight decay skips norms, biases and embeddings by default (the usual
 transformer recipe); a stage may override `Stage.weight_decay_mask`.
 
-`optim.name="muon"` (optax.contrib.muon) orthogonalises the momentum of the weight
-matrices that `Stage.muon_dimension_numbers` names (Newton-Schulz, 5 steps) and
+`optim.name="muon"` (sora_jax/train/muon.py: optax.contrib.muon's recipe with the
+Newton-Schulz iteration in Gram space) orthogonalises the momentum of the weight
+matrices that `Stage.muon_dimension_numbers` names (5 steps) and
 trains every other parameter with AdamW, both on the one schedule. The update's RMS
 is scaled to AdamW's (`muon_consistent_rms=0.2`, Liu et al. 2025), so a config's
 AdamW learning rate carries over. Measured on the quick VAE: docs/vae.md, sprint 13.
@@ -21,6 +22,8 @@ import ml_collections
 import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers
+
+from sora_jax.train import muon as muon_lib
 
 # Parameter-path fragments that never get weight decay by default.
 NO_DECAY_FRAGMENTS = ("norm", "bias", "embed", "scale", "pos_emb", "ln")
@@ -132,19 +135,21 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, decay_mas
                                  weight_decay=float(optim.weight_decay), mask=decay_mask))
     elif name == "muon":
         dims = muon_dimension_numbers or (lambda params: default_muon_dimension_numbers(params, decay_mask))
-        parts.append(optax.contrib.muon(
+        parts.append(muon_lib.muon(
             schedule,
+            dims,
             beta=float(optim.muon_beta),
             eps=float(optim.eps),
             # Decoupled decay on the Muon matrices (a subset of the decayed set by default); the
             # AdamW side (norms, biases, embeddings, a stage's excluded layers) never decays. That
-            # side is optax's Nesterov AdamW, as optax.contrib.muon builds it (nesterov=True).
+            # side is optax's Nesterov AdamW, as in optax.contrib.muon.
             weight_decay=float(optim.weight_decay),
             weight_decay_mask=decay_mask,
             adam_b1=float(optim.b1),
             adam_b2=float(optim.b2),
-            muon_weight_dimension_numbers=dims,
-            consistent_rms=float(optim.muon_consistent_rms),
+            consistent_rms=None if optim.muon_consistent_rms is None else float(optim.muon_consistent_rms),
+            form=str(optim.get("muon_ns_form", "auto")),
+            gram_restarts=tuple(int(k) for k in optim.get("muon_gram_restarts", ())),
         ))
     else:
         raise ValueError(f"config.optim.name must be 'adamw' or 'muon', got {name!r}")
