@@ -6,7 +6,8 @@ Variants (the first argument):
   small     the "vae-small" bench architecture (base width 32, mults (1,2,4,4), one res
             block per level, 16 latent channels, 4x8x8; 10.1M parameters, the same as
             diffusers' AutoencoderKLWan(base_dim=32)) on 17-frame 64x64 toy-world clips
-  quick     the ~15 min CPU fidelity run (the quickstart's VAE, at 1500 steps): a 2x2 pixel unshuffle,
+  quick     the ~15 min CPU fidelity run (2400 Muon steps; the quickstart's VAE is
+            this config with AdamW at 1500 steps, configs/quickstart.py): a 2x2 pixel unshuffle,
             then widths 32/64/128, same compression (4x8x8, 16 channels), trained on 9-frame
             32x32 clips plus images
             (one video shape, one compile); the last eval also scores held-out clips of up to
@@ -38,8 +39,8 @@ VARIANTS = {
         # The tent decoder shortcut: latent errors (a DiT's) decode without the 8x8 seams of
         # the per-cell one (grid ratio 1.5 vs 3.4 under latent noise) for -0.2 dB (docs/vae.md).
         # "taps" convs: 3.6-3.8 vs 2.6 training steps/s on the 2-core AMX Xeon (the same losses);
-        # since sprint 10 (split kernels, project()'s VJP) 4.1-4.3, so 3000 steps take 13.8 min
-        # there from launch (docs/vae.md); its evals compile with "xla" (stages/vae.py on_eval).
+        # since sprint 10 (split kernels, project()'s VJP) 4.1-4.3 with AdamW, so 3000 AdamW steps
+        # took 13.8 min there from launch (docs/vae.md); its evals compile with "xla" (stages/vae.py on_eval).
         # conv_impl "auto" (the model's default) is "taps" on CPU and "xla" on GPU / TPU.
         dict(base_width=32, channel_mult=(1, 2, 4), input_patch=2, num_res_blocks=1, decoder_res_blocks=2,
              shortcut_decoder="tent"),
@@ -48,7 +49,8 @@ VARIANTS = {
         # worse with training (frames 5-8 at 16.1 dB after 4000 steps; docs/vae.md).
         dict(frames=9, pixels=32 * 32, batch_size=2, max_batch_size=16, num_train=4096, num_eval=32),
         dict(image_prob=0.15, aspect_ratios=["1:1"], frame_step=8),
-        3000, 2e-3,  # lr 3e-3 was worse (20.7 vs 21.1 dB at step 1200 of 1500); the quickstart runs 1500
+        # 2400 Muon steps: 22.4 dB on clips, above AdamW's 22.0 at 3000, in about AdamW's 3000-step time.
+        2400, 2e-3,  # lr 3e-3 was worse with AdamW (20.7 vs 21.1 dB at step 1200 of 1500); the quickstart runs 1500
     ),
     "micro": (
         dict(base_width=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, decoder_res_blocks=1,
@@ -103,6 +105,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.vae.gan_weight = 0.1
 
     config.optim.lr = lr
+    if variant == "quick":
+        # Muon (sora_jax/train/muon.py, Newton-Schulz in Gram space) reaches in N steps what
+        # AdamW reaches in about 2N here (21.8 vs 21.3 dB at 1500 steps, 22.7 vs 22.0 at 3000),
+        # for ~50 ms more per step on 2 CPU cores (docs/vae.md, sprints 13-14). Micro (the tests'
+        # config) stays on AdamW; tests/test_optim.py runs Muon on it explicitly.
+        config.optim.name = "muon"
     config.optim.warmup_steps = 2 if variant == "micro" else 100
     config.optim.ema_decay = 0.0 if variant != "small" else 0.999
     config.train.steps = args.steps or steps
