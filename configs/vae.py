@@ -6,8 +6,9 @@ Variants (the first argument):
   small     the "vae-small" bench architecture (base width 32, mults (1,2,4,4), one res
             block per level, 16 latent channels, 4x8x8; 10.1M parameters, the same as
             diffusers' AutoencoderKLWan(base_dim=32)) on 17-frame 64x64 toy-world clips
-  quick     the ~15 min CPU fidelity run (2400 Muon steps; the quickstart's VAE is
-            this config with AdamW at 1500 steps, configs/quickstart.py): a 2x2 pixel unshuffle,
+  quick     the CPU fidelity run (2400 Muon steps, about the time of 3000 AdamW steps: 13.8 min on
+            the AMX Xeon, ~25 min on a slower 2-core EPYC; the quickstart's VAE is this config
+            with AdamW at 1500 steps, configs/quickstart.py): a 2x2 pixel unshuffle,
             then widths 32/64/128, same compression (4x8x8, 16 channels), trained on 9-frame
             32x32 clips plus images
             (one video shape, one compile); the last eval also scores held-out clips of up to
@@ -108,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "quick":
         # Muon (sora_jax/train/muon.py, Newton-Schulz in Gram space) reaches in N steps what
         # AdamW reaches in about 2N here (21.8 vs 21.3 dB at 1500 steps, 22.7 vs 22.0 at 3000),
-        # for ~50 ms more per step on 2 CPU cores (docs/vae.md, sprints 13-14). Micro (the tests'
+        # for ~1.26x AdamW's step time on a 2-core EPYC (docs/vae.md, sprints 13-14). Micro (the tests'
         # config) stays on AdamW; tests/test_optim.py runs Muon on it explicitly.
         config.optim.name = "muon"
     config.optim.warmup_steps = 2 if variant == "micro" else 100
