@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from sora_jax.data import sources
+from model_helpers import fast_rngs
 
 SHAPES = [(3, 8, 8), (1, 8, 12), (2, 8, 8), (3, 8, 4)]  # latent (T, H, W); patch (1, 2, 2)
 COLOURS = ["red", "green", "blue", "white"]
@@ -49,7 +50,7 @@ def stage(tmp_path_factory):
 
 def test_stage_loss_is_finite_and_few_steps_lower_the_fixed_time_eval_loss(stage):
     with nnx.use_eager_sharding(False):
-        model = stage.create_model(nnx.Rngs(0))
+        model = stage.create_model(fast_rngs(0))
     graphdef, params = nnx.split(model)
     eval_batches = stage.eval_batches()
     assert 1 <= len(eval_batches) <= 2
@@ -93,7 +94,7 @@ def test_stage_loss_is_finite_and_few_steps_lower_the_fixed_time_eval_loss(stage
 
 def test_samples_are_deterministic_and_have_the_latent_shape(stage):
     with nnx.use_eager_sharding(False):
-        model = stage.create_model(nnx.Rngs(1))
+        model = stage.create_model(fast_rngs(1))
     a = stage.sample_latents(model, ["a red thing"])
     b = stage.sample_latents(model, ["a red thing"])
     assert a[0].shape == tuple(stage.config.samples.latent_shape) + (16,)

@@ -13,6 +13,7 @@ from sora_jax.train import checkpoint as ckpt_lib
 from sora_jax.train import loop, muon, optim
 from sora_jax.train import state as state_lib
 from test_loop import run_steps
+from model_helpers import fast_rngs
 
 
 @pytest.mark.parametrize("names, expected", [
@@ -32,7 +33,7 @@ def _vae_params():
 
     stage = VAEStage(config_lib.load_config("configs/vae.py:micro"))
     with nnx.use_eager_sharding(False):
-        model = stage.create_model(nnx.Rngs(0))
+        model = stage.create_model(fast_rngs(0))
     return stage, nnx.split(model, stage.trainable_filter(), ...)[1]
 
 

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from sora_jax.models import vae, vae_chunked, vae_patching
+from model_helpers import fast_rngs
 
 # conv_impl="xla": far fewer HLO ops than "taps", so tests compile quickly.
 MICRO = dict(base_width=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, mid_attention=True, conv_impl="xla")
@@ -18,7 +19,7 @@ MICRO_PATCH2 = dict(MICRO, channel_mult=(1, 2, 2), input_patch=2, shortcut_decod
 @pytest.fixture(scope="module", params=[MICRO, MICRO_PATCH2], ids=["plain", "input_patch2_tent"])
 def model(request):
     with nnx.use_eager_sharding(False):
-        return vae.CausalVAE(request.param, rngs=nnx.Rngs(0))
+        return vae.CausalVAE(request.param, rngs=fast_rngs(0))
 
 
 def _video(t, h, w, seed=0, b=1):
@@ -147,8 +148,8 @@ def test_tent_overlap_add_blends_neighbouring_cells():
 def test_taps_and_xla_convs_agree():
     with nnx.use_eager_sharding(False):
         tiny = dict(MICRO, channel_mult=(1, 2), temporal_compression=2, mid_attention=False)
-        a = vae.CausalVAE(dict(tiny, conv_impl="taps"), rngs=nnx.Rngs(3))
-        b = vae.CausalVAE(dict(tiny, conv_impl="xla"), rngs=nnx.Rngs(3))
+        a = vae.CausalVAE(dict(tiny, conv_impl="taps"), rngs=fast_rngs(3))
+        b = vae.CausalVAE(dict(tiny, conv_impl="xla"), rngs=fast_rngs(3))
     video = _video(3, 8, 8)
     np.testing.assert_allclose(_encode(a, video)[0], _encode(b, video)[0], atol=1e-4, rtol=1e-4)
     z = _encode(b, video)[0]
@@ -163,7 +164,7 @@ def test_taps_and_xla_convs_agree():
 
 def test_auto_conv_impl_is_taps_on_cpu_and_xla_conv_elsewhere(monkeypatch):
     with nnx.use_eager_sharding(False):
-        conv = vae.CausalConv3d(8, 8, impl="auto", rngs=nnx.Rngs(0))
+        conv = vae.CausalConv3d(8, 8, impl="auto", rngs=fast_rngs(0))
     assert vae.vae_config({}).conv_impl == "auto"
     x = jnp.ones((1, 3, 6, 6, 8))
     hlo = lambda: jax.jit(lambda x: conv(x)).lower(x).as_text()  # noqa: E731
@@ -182,8 +183,8 @@ def test_tap_conv_paths_match_xla_conv(cin, cout, max_overhead, monkeypatch):
     lax.conv_general_dilated."""
     monkeypatch.setattr(vae, "_SHIFTED_OUTPUT_MAX_OVERHEAD", max_overhead)
     with nnx.use_eager_sharding(False):
-        taps = vae.CausalConv3d(cin, cout, impl="taps", rngs=nnx.Rngs(0))
-        ref = vae.CausalConv3d(cin, cout, impl="xla", rngs=nnx.Rngs(0))
+        taps = vae.CausalConv3d(cin, cout, impl="taps", rngs=fast_rngs(0))
+        ref = vae.CausalConv3d(cin, cout, impl="xla", rngs=fast_rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, cin))
     np.testing.assert_allclose(taps(x), ref(x), atol=2e-5, rtol=1e-5)
     # ... and so do the gradients (the taps' matmuls have a custom VJP on CPU, the kernel is split per tap).
@@ -204,8 +205,8 @@ def test_bf16_compute_tracks_fp32():
     parameter gradients stay fp32 and point the same way."""
     cfg = dict(MICRO, channel_mult=(1, 2, 2), input_patch=2, conv_impl="taps")
     with nnx.use_eager_sharding(False):
-        f32 = vae.CausalVAE(cfg, rngs=nnx.Rngs(5))
-        bf16 = vae.CausalVAE(dict(cfg, compute_dtype="bfloat16"), rngs=nnx.Rngs(5))
+        f32 = vae.CausalVAE(cfg, rngs=fast_rngs(5))
+        bf16 = vae.CausalVAE(dict(cfg, compute_dtype="bfloat16"), rngs=fast_rngs(5))
     video = _video(5, 16, 24, seed=3)
 
     def loss_and_grads(m):

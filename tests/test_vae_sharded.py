@@ -7,6 +7,7 @@ from flax import nnx
 
 from sora_jax import config_lib, sharding
 from sora_jax.models import vae as vae_lib
+from model_helpers import fast_rngs
 
 
 def test_vae_encodes_the_same_on_a_fsdp_tensor_mesh():
@@ -16,7 +17,7 @@ def test_vae_encodes_the_same_on_a_fsdp_tensor_mesh():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
         # Used to fail here: the 3-channel RGB conv's output dim was sharded over fsdp.
-        sharded = np.asarray(encode(vae_lib.CausalVAE(cfg, rngs=nnx.Rngs(0)), jnp.asarray(x)))
+        sharded = np.asarray(encode(vae_lib.CausalVAE(cfg, rngs=fast_rngs(0)), jnp.asarray(x)))
     with nnx.use_eager_sharding(False):
-        plain = np.asarray(encode(vae_lib.CausalVAE(cfg, rngs=nnx.Rngs(0)), x))
+        plain = np.asarray(encode(vae_lib.CausalVAE(cfg, rngs=fast_rngs(0)), x))
     np.testing.assert_allclose(sharded, plain, atol=1e-5)

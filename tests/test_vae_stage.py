@@ -8,6 +8,7 @@ from flax import nnx
 
 from sora_jax.models.vae_api import VAEHandle
 from sora_jax.stages import vae as vae_stage
+from model_helpers import fast_rngs
 
 
 def _config():
@@ -30,7 +31,7 @@ def test_short_training_run_lowers_loss(tmp_path):
     config = _config()
     stage = vae_stage.VAEStage(config)
     with nnx.use_eager_sharding(False):
-        model = stage.create_model(nnx.Rngs(0))
+        model = stage.create_model(fast_rngs(0))
     rng = np.random.default_rng(0)
     # Smooth moving blobs: a fixed batch the tiny model can fit in a few steps.
     t, h, w = 5, 16, 16
@@ -78,7 +79,7 @@ def test_native_size_eval_scores_images_and_videos_at_their_own_shapes(tmp_path)
     native = stage.native_eval_config()
     assert native.data.toy.aspect_ratios == ["16:9", "1:1"] and config.data.toy.aspect_ratios == ["1:1"]
     with nnx.use_eager_sharding(False):
-        model = stage.create_model(nnx.Rngs(0))
+        model = stage.create_model(fast_rngs(0))
     scores = stage._native_scores(model)
     shapes = {tuple(s) for d in scores.values() for s in d["shapes"]}
     assert scores["image"]["psnr"] and scores["video"]["psnr"], scores
