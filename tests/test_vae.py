@@ -92,7 +92,8 @@ def test_tiled_close_to_untiled(model):
     mean, _ = _encode(model, video)
     # Stated tolerance (random-init network, whose 8x receptive field spans a whole 6-cell tile, so this is
     # a worst case): mean abs error < 25% of mean |latent| (encode) and < 50% of mean |pixel| (decode);
-    # measured 14% and 31%. Tiling is exact when one tile covers the frame (checked below).
+    # measured at most 11% and 26% (the two models, RBG-key init). Tiling is exact when one tile
+    # covers the frame (checked below).
     tiled_mean, _ = vae_chunked.encode_tiled(model, video, tile=6, overlap=2, chunk_latents=None)
     assert tiled_mean.shape == mean.shape
     err = float(jnp.abs(tiled_mean - mean).mean())
@@ -203,11 +204,13 @@ def test_bf16_compute_tracks_fp32():
     """model.compute_dtype="bfloat16": same parameters (fp32), bf16 activations and matmul
     operands; moments and video come back in fp32, close to the fp32 model's, and the
     parameter gradients stay fp32 and point the same way."""
-    cfg = dict(MICRO, channel_mult=(1, 2, 2), input_patch=2, conv_impl="taps")
+    # Two levels (one halving time) still run every layer kind: pixel unshuffle, taps convs,
+    # spatial and temporal down/up, mid attention; the smaller model compiles ~25% faster.
+    cfg = dict(MICRO, channel_mult=(1, 2), temporal_compression=2, input_patch=2, conv_impl="taps")
     with nnx.use_eager_sharding(False):
         f32 = vae.CausalVAE(cfg, rngs=fast_rngs(5))
         bf16 = vae.CausalVAE(dict(cfg, compute_dtype="bfloat16"), rngs=fast_rngs(5))
-    video = _video(5, 16, 24, seed=3)
+    video = _video(5, 8, 12, seed=3)
 
     def loss_and_grads(m):
         graphdef, params = nnx.split(m)
@@ -222,7 +225,7 @@ def test_bf16_compute_tracks_fp32():
     v16, r16, m16, g16, grads16 = loss_and_grads(bf16)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
     rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
-    # Measured 0.009 and 0.028 (bf16 keeps 8 bits of mantissa; the random-init decoder's output is small).
+    # Measured 0.008 and 0.026 (bf16 keeps 8 bits of mantissa; the random-init decoder's output is small).
     assert rel(m16, m32) < 0.03 and rel(r16, r32) < 0.06, (rel(m16, m32), rel(r16, r32))
     hlo = lambda m: jax.jit(lambda x: m(x)[0]).lower(video).as_text()  # noqa: E731
     assert "bf16" in hlo(bf16) and "bf16" not in hlo(f32)
