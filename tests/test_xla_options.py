@@ -91,3 +91,17 @@ def test_config_default_and_old_workdirs(monkeypatch):
     old = config_lib.base_config()
     del old["cpu_dot_fusion"]
     assert xla_options.from_config(old) is None
+
+
+def test_init_options_draw_the_same_parameters_up_to_rounding(monkeypatch):
+    """The init's low LLVM level changes compile time, not the draws (beyond float rounding);
+    a user's own level in XLA_FLAGS wins."""
+    options = xla_options.init_compiler_options()
+    assert options == {"xla_backend_optimization_level": 0}
+    draw = lambda: jax.nn.initializers.truncated_normal(0.02)(jax.random.key(3), (64, 96))  # noqa: E731
+    low = jax.jit(draw).lower().compile(compiler_options=options)()
+    default = jax.jit(draw).lower().compile()()
+    np.testing.assert_allclose(np.asarray(low), np.asarray(default), rtol=0, atol=1e-7)
+    assert float(jnp.std(low)) > 0.01  # a real draw, not zeros
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+    assert xla_options.init_compiler_options() is None

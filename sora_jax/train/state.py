@@ -29,7 +29,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from sora_jax import sharding
+from sora_jax import sharding, xla_options
 from sora_jax.train import optim as optim_lib
 
 
@@ -78,7 +78,7 @@ def build_train_setup(stage, config: ml_collections.ConfigDict, mesh, rules) -> 
         abstract_state=abstract,
         shardings=shardings,
         optimizer=optimizer,
-        init=jax.jit(init, out_shardings=shardings),
+        init=jax.jit(init, out_shardings=shardings, compiler_options=xla_options.init_compiler_options()),
     )
 
 
