@@ -173,6 +173,27 @@ def test_recompute_attention_matches_reference_with_grads(dtype, tol):
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * 4, err_msg=f"{case} d{name}")
 
 
+def test_recompute_attention_backward_has_one_transposed_operand_matmul():
+    """The backward runs on the transposed scores, so of its batched matmuls only dQ contracts a
+    leading axis of its left operand (XLA:CPU runs those in Eigen at about half the rate); the
+    textbook form has two (dV = P^T dO and dK = dS^T Q)."""
+    from jax.extend.core import jaxprs_in_params
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                yield eqn.invars[0].aval.ndim, tuple(lhs_contract)
+            for sub in jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    q = jnp.ones((2, 12, 3, 8))
+    loss = lambda q, k, v: jnp.sum(attention.recompute_attention(q, k, v, None))
+    found = list(dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr))
+    assert len(found) == 7  # forward 2, backward 5 (scores recomputed, dV, dP, dK, dQ)
+    assert sum(contract != (ndim - 1,) for ndim, contract in found) == 1
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the bf16 projection path is XLA:CPU's")
 def test_bf16_projection_matches_fp32_and_keeps_its_matmuls_in_bf16():
     """attention.project with bf16 inputs on CPU: value and gradients match fp32 math to bf16

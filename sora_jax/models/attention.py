@@ -137,17 +137,26 @@ def _attention_fwd(q, k, v, mask):
 
 
 def _attention_bwd(res, do):
+    # Runs on the transposed scores S^T = K Q^T ([.., Lk, Lq]): then dV = P^T dO and dK = dS^T Q are
+    # plain (NN) batched matmuls and only dQ = (dS^T)^T K contracts a leading axis. With S itself,
+    # dV and dK both would: XLA:CPU runs those transposed-operand batched dots in Eigen at about
+    # half the rate (bench-small attention forward+backward 10.8 -> 9.5 ms).
     q, k, v, mask, o, m, row_sum = res
-    p = jnp.exp(_scores(q, k, mask) - m) / row_sum
-    dv = jnp.einsum("bnqk,bnqh->bnkh", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bnqh,bnkh->bnqk", do, v, preferred_element_type=jnp.float32)
+    scale = q.shape[-1] ** -0.5
+    mask_t = None if mask is None else jnp.swapaxes(mask, -1, -2)
+    s_t = jnp.einsum("bnkh,bnqh->bnkq", k, q, preferred_element_type=jnp.float32) * scale
+    if mask_t is not None:
+        s_t = jnp.where(mask_t, s_t, jnp.float32(-1e30))
+    p_t = jnp.exp(s_t - jnp.swapaxes(m, -1, -2)) / jnp.swapaxes(row_sum, -1, -2)
+    dv = jnp.einsum("bnkq,bnqh->bnkh", p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp_t = jnp.einsum("bnkh,bnqh->bnkq", v, do, preferred_element_type=jnp.float32)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
-    ds = p * (dp - delta) * (q.shape[-1] ** -0.5)
-    if mask is not None:  # a fully masked row has uniform p but no path to q or k
-        ds = jnp.where(mask, ds, 0.0)
-    ds = ds.astype(q.dtype)
-    dq = jnp.einsum("bnqk,bnkh->bnqh", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bnqk,bnqh->bnkh", ds, q, preferred_element_type=jnp.float32)
+    ds_t = p_t * (dp_t - jnp.swapaxes(delta, -1, -2)) * scale
+    if mask_t is not None:  # a fully masked row has uniform p but no path to q or k
+        ds_t = jnp.where(mask_t, ds_t, 0.0)
+    ds_t = ds_t.astype(q.dtype)
+    dk = jnp.einsum("bnkq,bnqh->bnkh", ds_t, q, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("bnkq,bnkh->bnqh", ds_t, k, preferred_element_type=jnp.float32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
