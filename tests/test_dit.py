@@ -75,6 +75,25 @@ def test_rope_relative_position():
     assert attention.rope_split(64) == (24, 20, 20) and attention.rope_split(72) == (24, 24, 24)
 
 
+def test_rope_pairs_channel_i_with_i_plus_half_and_each_axis_turns_its_own_columns():
+    """The layout apply_rope documents: pair (i, i + head_dim/2) turns by table column i, columns
+    [0, 12) follow t, [12, 22) h and [22, 32) w for head_dim 64; it is a rotation (norms kept)."""
+    head_dim, half = 64, 32
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 1, head_dim)), jnp.float32)
+    rot = lambda pos: attention.apply_rope(x, *attention.rope_angles(jnp.array([[pos]]), head_dim, 100.0), head_dim)
+    np.testing.assert_allclose(rot((0, 0, 0)), x, atol=1e-7)
+    np.testing.assert_allclose(jnp.linalg.norm(rot((3, 5, 7))), jnp.linalg.norm(x), rtol=1e-6)
+    for axis, cols in enumerate([range(0, 12), range(12, 22), range(22, 32)]):
+        pos = [0, 0, 0]
+        pos[axis] = 3
+        moved = np.flatnonzero(np.abs(np.asarray(rot(tuple(pos)) - x))[0, 0, 0] > 1e-6)
+        expected = [*cols, *(c + half for c in cols)]
+        assert set(moved) <= set(expected) and len(moved) > len(expected) // 2, (axis, moved)
+        a, b = x[0, 0, 0, cols.start], x[0, 0, 0, cols.start + half]  # column 0 of the block: frequency 1
+        np.testing.assert_allclose(rot(tuple(pos))[0, 0, 0, [cols.start, cols.start + half]],
+                                   [a * np.cos(3) - b * np.sin(3), a * np.sin(3) + b * np.cos(3)], rtol=1e-5)
+
+
 def test_adaln_zero_output_is_zero_at_init():
     cfg = tiny_config()
     model = dit.create_dit(cfg)

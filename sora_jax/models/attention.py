@@ -47,20 +47,20 @@ def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, head_dim: int) -> jax.Array:
-    """Rotates x [B, L, N, head_dim] by the 3D RoPE tables (computed in fp32, cast back)."""
+    """Rotates x [B, L, N, head_dim] by the 3D RoPE tables (computed in fp32, cast back).
+
+    Channel i of the first half pairs with channel i of the second half, and pair i turns by
+    table column i, whose (t, h, w) block `rope_angles` sets. The pairs of one axis are thus
+    not adjacent, which changes nothing that a learned q/k projection can express, and the
+    rotation is two slices at head_dim / 2: earlier versions paired inside each axis block,
+    which on XLA:CPU cut every head into six slices of 10-12 channels (unaligned, scalar code;
+    ~14 ms of the ~420 ms bench-small step in RoPE's forward and backward fusions).
+    """
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    outs, start, table_start = [], 0, 0
-    # Rotate each axis block with its own half of the table (half-split pairs inside the block).
-    for dim in rope_split(head_dim):
-        half = dim // 2
-        a, b = x[..., start : start + half], x[..., start + half : start + dim]
-        c, s = cos[..., table_start : table_start + half], sin[..., table_start : table_start + half]
-        outs += [a * c - b * s, a * s + b * c]
-        start += dim
-        table_start += half
-    return jnp.concatenate(outs, -1).astype(dtype)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    a, b = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    return jnp.concatenate([a * c - b * s, a * s + b * c], -1).astype(dtype)
 
 
 class RMSNorm(nnx.Module):
