@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -36,14 +37,21 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [B, L, head_dim // 2] for int positions [B, L, 3] (t, h, w)."""
-    cos, sin = [], []
+    """cos and sin tables [B, L, head_dim // 2] for int positions [B, L, 3] (t, h, w).
+
+    Columns are in (t, h, w) blocks of `rope_split` / 2, each with its own frequencies. The
+    angles come from one [3, head_dim // 2] frequency table that is zero outside each axis's
+    block (products with zero are exact, so each angle is one product, as per block); one cos
+    and one sin then run over aligned rows instead of three unaligned blocks to concatenate
+    (bench-small: 4.5 -> ~1 thunk-ms per step). The frequencies are rounded once from float64.
+    """
+    freqs = np.zeros((3, head_dim // 2), np.float32)
+    start = 0
     for axis, dim in enumerate(rope_split(head_dim)):
-        inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-        ang = positions[..., axis : axis + 1].astype(jnp.float32) * inv_freq
-        cos.append(jnp.cos(ang))
-        sin.append(jnp.sin(ang))
-    return jnp.concatenate(cos, -1), jnp.concatenate(sin, -1)
+        freqs[axis, start : start + dim // 2] = float(theta) ** (-np.arange(0, dim, 2) / dim)
+        start += dim // 2
+    ang = jnp.sum(positions.astype(jnp.float32)[..., :, None] * freqs, axis=-2)
+    return jnp.cos(ang), jnp.sin(ang)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, head_dim: int) -> jax.Array:
