@@ -50,8 +50,8 @@ def init_compiler_options() -> dict[str, int] | None:
 
     XLA:CPU spends most of an init's compile in LLVM optimising the fused threefry +
     truncated-normal loop of every differently shaped kernel: the micro VAE's init compiles
-    in 9.8 s at the default level and 2.0 s at level 0, and then runs in 16 ms instead of
-    7 ms. The draws can differ in the last bit (measured max 1.2e-7; float rounding of
+    in 9.0-9.8 s at the default level and 1.8-2.0 s at level 0, and then runs in ~16 ms
+    instead of 5-16 ms. The draws can differ in the last bit (measured max 1.2e-7; float rounding of
     erfinv), so an init is reproducible for a given XLA version and these options, as
     before. On GPU and TPU nothing is passed."""
     if jax.default_backend() != "cpu" or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):

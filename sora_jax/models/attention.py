@@ -43,7 +43,7 @@ def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
     angles come from one [3, head_dim // 2] frequency table that is zero outside each axis's
     block (products with zero are exact, so each angle is one product, as per block); one cos
     and one sin then run over aligned rows instead of three unaligned blocks to concatenate
-    (bench-small: 4.5 -> ~1 thunk-ms per step). The frequencies are rounded once from float64.
+    (bench-small, thunk time per step: 4.5 ms in a profile before, 0.5-2 ms in three after). The frequencies are rounded once from float64.
     """
     freqs = np.zeros((3, head_dim // 2), np.float32)
     start = 0
