@@ -213,6 +213,30 @@ def test_recompute_attention_backward_has_one_transposed_operand_matmul():
     assert sum(contract != (ndim - 1,) for ndim, contract in found) == 1
 
 
+@pytest.mark.parametrize("dtype,head_dim,on_operand", [(jnp.float32, 8, True), (jnp.bfloat16, 16, True),
+                                                       (jnp.bfloat16, 8, False)])
+def test_attention_scale_is_applied_to_an_operand_not_the_scores(dtype, head_dim, on_operand):
+    """The forward multiplies no [B, N, Lq, Lk] tensor by the softmax scale (XLA:CPU ran that as a
+    pass of its own over the scores) except for a bf16 operand with a non-power-of-two scale,
+    whose rounding would be coarse; the power-of-two bf16 case still matches fp32 math."""
+    q = jax.random.normal(jax.random.key(0), (2, 12, 3, head_dim)).astype(dtype)
+    k = jax.random.normal(jax.random.key(1), (2, 10, 3, head_dim)).astype(dtype)
+    jaxpr = jax.make_jaxpr(lambda q, k: attention.recompute_attention(q, k, k, None))(q, k).jaxpr
+
+    def score_muls(jaxpr):
+        from jax.extend.core import jaxprs_in_params
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "mul" and eqn.outvars[0].aval.shape == (2, 3, 12, 10):
+                yield eqn
+            for sub in jaxprs_in_params(eqn.params):
+                yield from score_muls(sub)
+
+    assert (len(list(score_muls(jaxpr))) == 0) == on_operand
+    ref = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, k)), implementation="xla")
+    out = attention.recompute_attention(q, k, k, None).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5 if dtype == jnp.float32 else 3e-2)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the bf16 projection path is XLA:CPU's")
 def test_bf16_projection_matches_fp32_and_keeps_its_matmuls_in_bf16():
     """attention.project with bf16 inputs on CPU: value and gradients match fp32 math to bf16
