@@ -192,23 +192,25 @@ def test_recompute_attention_matches_reference_with_grads(dtype, tol):
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * 4, err_msg=f"{case} d{name}")
 
 
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (custom VJPs, scans, ...) included."""
+    from jax.extend.core import jaxprs_in_params
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
+
+
 def test_recompute_attention_backward_has_one_transposed_operand_matmul():
     """The backward runs on the transposed scores, so of its batched matmuls only dQ contracts a
     leading axis of its left operand (XLA:CPU runs those in Eigen at about half the rate); the
     textbook form has two (dV = P^T dO and dK = dS^T Q)."""
-    from jax.extend.core import jaxprs_in_params
-
-    def dots(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-                yield eqn.invars[0].aval.ndim, tuple(lhs_contract)
-            for sub in jaxprs_in_params(eqn.params):
-                yield from dots(sub)
-
     q = jnp.ones((2, 12, 3, 8))
     loss = lambda q, k, v: jnp.sum(attention.recompute_attention(q, k, v, None))
-    found = list(dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr))
+    found = [(eqn.invars[0].aval.ndim, tuple(eqn.params["dimension_numbers"][0][0]))
+             for eqn in _all_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr)
+             if eqn.primitive.name == "dot_general"]
     assert len(found) == 7  # forward 2, backward 5 (scores recomputed, dV, dP, dK, dQ)
     assert sum(contract != (ndim - 1,) for ndim, contract in found) == 1
 
@@ -222,16 +224,8 @@ def test_attention_scale_is_applied_to_an_operand_not_the_scores(dtype, head_dim
     q = jax.random.normal(jax.random.key(0), (2, 12, 3, head_dim)).astype(dtype)
     k = jax.random.normal(jax.random.key(1), (2, 10, 3, head_dim)).astype(dtype)
     jaxpr = jax.make_jaxpr(lambda q, k: attention.recompute_attention(q, k, k, None))(q, k).jaxpr
-
-    def score_muls(jaxpr):
-        from jax.extend.core import jaxprs_in_params
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "mul" and eqn.outvars[0].aval.shape == (2, 3, 12, 10):
-                yield eqn
-            for sub in jaxprs_in_params(eqn.params):
-                yield from score_muls(sub)
-
-    assert (len(list(score_muls(jaxpr))) == 0) == on_operand
+    score_muls = [e for e in _all_eqns(jaxpr) if e.primitive.name == "mul" and e.outvars[0].aval.shape == (2, 3, 12, 10)]
+    assert (not score_muls) == on_operand
     ref = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, k)), implementation="xla")
     out = attention.recompute_attention(q, k, k, None).astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5 if dtype == jnp.float32 else 3e-2)

@@ -121,26 +121,22 @@ def recompute_attention(q, k, v, mask):
     return swap(_attention(swap(q), swap(k), swap(v), mask))
 
 
-def _fold_scale(a, scale):
-    """(a * scale, 1.0), or (a, scale) where that rounding would be coarse: the factor left to apply.
-
-    The softmax scale goes on a [.., L, head_dim] operand rather than on an [Lq, Lk] product,
-    where XLA:CPU ran it as a pass of its own over the scores (bench-small: ~2.4 thunk-ms per
-    step in the forward; folding it into v for dP in the backward as well made the YNN fusion
-    that forms dS slower, 17.5 -> 24 thunk-ms, so the backward keeps its scale on dS). That is exact for a
-    power-of-two scale (head_dim 16, 64, 256) and one rounding in fp32; a bf16 operand with
-    another scale keeps it on the fp32 product, as its rounding would be 2^-8.
-    """
-    if a.dtype == jnp.float32 or math.log2(scale).is_integer():
-        return a * jnp.asarray(scale, a.dtype), 1.0
-    return a, scale
-
-
 def _scores(a, b, mask):
-    """fp32 scores a b^T / sqrt(head_dim) for a [.., La, H], b [.., Lb, H]; masked entries -1e30."""
-    a, rest = _fold_scale(a, a.shape[-1] ** -0.5)
+    """fp32 scores a b^T / sqrt(head_dim) for a [.., La, H], b [.., Lb, H]; masked entries -1e30.
+
+    The scale goes on the operand a rather than on the [La, Lb] product, where XLA:CPU ran it as
+    a pass of its own over the scores (bench-small forward: ~2.4 thunk-ms per step). That is
+    exact for a power-of-two scale (head_dim 16, 64, 256) and one rounding of a in fp32; a bf16
+    operand with another scale keeps it on the fp32 product, as its rounding would be 2^-8.
+    (The backward's dS keeps its own scale: folding it into v for dP made the YNN fusion that
+    forms dS slower, 17.5 -> 24 thunk-ms in one profile each.)
+    """
+    scale = a.shape[-1] ** -0.5
+    on_operand = a.dtype == jnp.float32 or math.log2(scale).is_integer()
+    if on_operand:
+        a = a * jnp.asarray(scale, a.dtype)
     s = jnp.einsum("bnqh,bnkh->bnqk", a, b, preferred_element_type=jnp.float32)
-    s = s if rest == 1.0 else s * rest
+    s = s if on_operand else s * scale
     return s if mask is None else jnp.where(mask, s, jnp.float32(-1e30))
 
 
