@@ -215,6 +215,36 @@ def test_recompute_attention_backward_has_one_transposed_operand_matmul():
     assert sum(contract != (ndim - 1,) for ndim, contract in found) == 1
 
 
+def test_layer_invariant_projections_run_before_the_layer_scan():
+    """With per-example time, the adaLN modulations and the text keys/values of every layer are
+    computed before the scan (no [D, 6, D] or [D, 2, heads, head_dim] kernel is used inside
+    its body); per-token modulations stay inside. Both give the same loss and gradients."""
+    cfg = tiny_config()
+    d, h = cfg.width, cfg.heads
+    exs = [example((2, 2, 2), 0, cfg), example((1, 2, 2), 1, cfg)]
+    x, t, pos, seg, ids = pack(exs, 14, 2)
+    model = randomize(dit.create_dit(cfg))
+    graphdef, params = nnx.split(model, nnx.Param)
+    t_example, t_token = np.array([0.3], np.float32), np.full(t.shape, 0.3, np.float32)
+
+    def loss(p, t):
+        return jnp.mean(nnx.merge(graphdef, p)(x, t, pos, seg, text_ids=ids) ** 2)
+
+    def kernels_in_scan(t):
+        jaxpr = jax.make_jaxpr(loss)(params, t).jaxpr
+        (scan,) = [e for e in _all_eqns(jaxpr) if e.primitive.name == "scan"]
+        shapes = {v.aval.shape for e in _all_eqns(scan.params["jaxpr"].jaxpr) if e.primitive.name == "dot_general"
+                  for v in e.invars}
+        return (d, 6, d) in shapes, (d, 2, h, d // h) in shapes
+
+    assert kernels_in_scan(t_example) == (False, False)
+    assert kernels_in_scan(t_token) == (True, False)
+    (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(loss))(params, t) for t in (t_example, t_token))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype,head_dim,on_operand", [(jnp.float32, 8, True), (jnp.bfloat16, 16, True),
                                                        (jnp.bfloat16, 8, False)])
 def test_attention_scale_is_applied_to_an_operand_not_the_scores(dtype, head_dim, on_operand):

@@ -143,9 +143,18 @@ class Block(nnx.Module):
         self.fc1 = Dense(d, cfg.mlp_dim, ("embed", "mlp"), **kw)
         self.fc2 = Dense(cfg.mlp_dim, d, ("mlp", "embed"), **kw)
 
-    def __call__(self, x, c, rope, self_mask, ctx, ctx_mask):
+    def modulation(self, c):
+        """adaLN-Zero's (shift, scale, gate) x 2 from the conditioning c: [6, B, L or 1, D]."""
+        return jnp.moveaxis(self.adaln(jax.nn.silu(c)), -2, 0)
+
+    def context_kv(self, ctx):
+        """Cross-attention keys and values of the text context: [2, B, S, heads, head_dim]."""
+        return jnp.moveaxis(checkpoint_name(self.cross_kv(ctx), "context_kv_proj"), -3, 0)
+
+    def __call__(self, x, mod, rope, self_mask, ctx_kv, ctx_mask):
+        """mod = self.modulation(c), ctx_kv = self.context_kv(ctx) (None without cross-attention)."""
         names_h = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.moveaxis(self.adaln(jax.nn.silu(c)), -2, 0)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod
 
         qkv = checkpoint_name(self.qkv(modulate(layer_norm(x), shift1, scale1)), "qkv_proj")
         q, k, v = jnp.moveaxis(qkv, -3, 0)
@@ -158,7 +167,7 @@ class Block(nnx.Module):
 
         if self.cross:
             q = self.cross_q(layer_norm(x))
-            k, v = jnp.moveaxis(checkpoint_name(self.cross_kv(ctx), "context_kv_proj"), -3, 0)
+            k, v = ctx_kv
             if self.cross_q_norm is not None:
                 q, k = self.cross_q_norm(q), self.cross_k_norm(k)
             a = attend(sharding.constrain(q, names_h), k, v, ctx_mask)
@@ -287,17 +296,32 @@ class DiT(nnx.Module):
 
         graphdef, stacked = nnx.split(self.blocks)
 
-        def block_fn(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, c, rope, self_mask, ctx, ctx_mask)
+        # Inputs that are the same for every layer (the text context; c when t is per example)
+        # are projected for all layers at once, before the loop: inside a scan each of these
+        # small-row matmuls also costs a per-layer weight slice, a gradient write into a
+        # zero-filled stacked buffer and a transposed weight copy (bench-small: docs/dit.md).
+        # Per-token modulations ([B, L, 6D] a layer) stay in the block, so remat bounds them.
+        def every_layer(method, arg):
+            return jax.vmap(lambda s: method(nnx.merge(graphdef, s), arg))(stacked)
+
+        mods = every_layer(Block.modulation, c) if c.shape[-2] == 1 else None
+        ctx_kvs = every_layer(Block.context_kv, ctx) if cfg.cross_attention else None
+
+        def block_fn(h, layer):
+            layer_state, mod, ctx_kv = layer
+            block = nnx.merge(graphdef, layer_state)
+            mod = block.modulation(c) if mod is None else mod
+            return block(h, mod, rope, self_mask, ctx_kv, ctx_mask)
 
         policy = remat_policy(cfg.remat_policy)
         if policy is not None:
             block_fn = jax.checkpoint(block_fn, policy=policy, prevent_cse=not cfg.scan_layers)
+        layers = (stacked, mods, ctx_kvs)
         if cfg.scan_layers:
-            h, _ = jax.lax.scan(lambda h, s: (block_fn(h, s), None), h, stacked)
+            h, _ = jax.lax.scan(lambda h, layer: (block_fn(h, layer), None), h, layers)
         else:
             for i in range(cfg.depth):
-                h = block_fn(h, jax.tree.map(lambda a: a[i], stacked))
+                h = block_fn(h, jax.tree.map(lambda a: a[i], layers))
 
         shift, scale = jnp.moveaxis(self.final_adaln(jax.nn.silu(c)), -2, 0)
         return self.final(modulate(layer_norm(h), shift, scale))
