@@ -154,8 +154,8 @@ def run(args=None) -> dict:
 
     with_peer = getattr(args, "peer", False)
     rounds = []  # (our step times, peer result or error) per round
-    # The matmul probe swings as much as the step on a shared VM (0.39-0.53 TFLOP/s within
-    # an hour on one 2-core EPYC), so it runs next to every round and the best probe is
+    # The matmul probe swings as much as the step on a shared VM (0.39-0.53 TFLOP/s across
+    # runs on one 2-core EPYC, 0.16-0.19 within one run on another), so it runs next to every round and the best probe is
     # the denominator: a lull in the probe alone can only lower the MFU, never raise it.
     probes = []
     for _ in range(max(1, getattr(args, "rounds", 1)) if with_peer else 1):
