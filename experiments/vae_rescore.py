@@ -1,0 +1,57 @@
+"""Scores a trained VAE on another config's held-out sets, with the vae stage's own metrics.
+
+  python experiments/vae_rescore.py --workdir=W [--config=configs/vae.py:quick] [--num_train=N] [--step=S]
+
+Why: the toy world's eval examples are the indices right after the training ones
+([num_train, num_train + num_eval)), so runs with different `data.num_train` score
+different held-out clips. This scores the checkpoint in W (its raw parameters, or EMA
+with --ema) on the eval batches and native-size eval of --config, so runs compare on
+the same clips. Prints one JSON object with the stage's keys ("eval", "native").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="a vae stage's workdir (its checkpoint is scored)")
+    p.add_argument("--config", default="configs/vae.py:quick", help="whose held-out sets score it")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--ema", action="store_true", help="score the EMA parameters (if the run kept them)")
+    p.add_argument("--num_train", type=int, default=None, help="override --config's data.num_train (moves the eval set)")
+    p.add_argument("--num_eval", type=int, default=None, help="override --config's data.num_eval")
+    args = p.parse_args(argv)
+
+    from sora_jax import config_lib
+    from sora_jax.models import vae as vae_lib
+    from sora_jax.stages import vae as vae_stage
+    from sora_jax.train.checkpoint import restore_model
+
+    config = config_lib.load_config(args.config)
+    for field in ("num_train", "num_eval"):
+        if getattr(args, field) is not None:
+            config.data[field] = getattr(args, field)
+    trained_config, model = restore_model(args.workdir, step=args.step, use_ema=args.ema)
+    for name, c in ((args.config, config), (args.workdir, trained_config)):
+        if c.stage != "vae":
+            raise ValueError(f"{name}: stage is {c.stage!r}, not 'vae'")
+    if vae_lib.vae_config(trained_config.model) != vae_lib.vae_config(config.model):
+        # The data and eval settings come from --config, the architecture from the checkpoint.
+        config.model = trained_config.model
+    stage = vae_stage.VAEStage(config)
+    model = vae_lib.with_conv_impl(model, "xla")  # one compile per eval shape, as the stage's evals
+    summarise = lambda scores: {k: round(v, 3) for k, v in vae_stage.score_summary(scores).items()}
+    out = {"workdir": args.workdir, "config": args.config,
+           "trained_num_train": int(trained_config.data.num_train), "scored_num_train": int(config.data.num_train),
+           "eval": summarise(stage._scores(model, stage.eval_batches()))}
+    if len(stage.opts.native_eval):
+        out["native"] = summarise(stage._native_scores(model))
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
