@@ -107,10 +107,7 @@ def main(argv=None) -> dict:
         keep = np.asarray(batch["index"]) >= 0
         pca.add(np.asarray(batch["video"])[keep])
     out = {"config": args.config, "latent_channels": pca.k, "cell": [pca.tc, pca.s, pca.s], "fit": pca.fit()}
-    summarise = lambda scores: {k: round(v, 3) for k, v in vae_stage.score_summary(scores).items()}
-    out["eval"] = summarise(stage._scores(None, stage.eval_batches()))
-    if len(stage.opts.native_eval):
-        out["native"] = summarise(stage._native_scores(None))
+    out.update(stage.held_out_summaries(None))
     print(json.dumps(out))
     return out
 

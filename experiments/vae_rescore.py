@@ -38,17 +38,12 @@ def main(argv=None) -> dict:
     for name, c in ((args.config, config), (args.workdir, trained_config)):
         if c.stage != "vae":
             raise ValueError(f"{name}: stage is {c.stage!r}, not 'vae'")
-    if vae_lib.vae_config(trained_config.model) != vae_lib.vae_config(config.model):
-        # The data and eval settings come from --config, the architecture from the checkpoint.
-        config.model = trained_config.model
+    config.model = trained_config.model  # the data and eval settings come from --config, the architecture from W
     stage = vae_stage.VAEStage(config)
     model = vae_lib.with_conv_impl(model, "xla")  # one compile per eval shape, as the stage's evals
-    summarise = lambda scores: {k: round(v, 3) for k, v in vae_stage.score_summary(scores).items()}
     out = {"workdir": args.workdir, "config": args.config,
            "trained_num_train": int(trained_config.data.num_train), "scored_num_train": int(config.data.num_train),
-           "eval": summarise(stage._scores(model, stage.eval_batches()))}
-    if len(stage.opts.native_eval):
-        out["native"] = summarise(stage._native_scores(model))
+           **stage.held_out_summaries(model)}
     print(json.dumps(out))
     return out
 

@@ -296,6 +296,15 @@ class VAEStage(Stage):
             int(self.opts.native_eval_batches))
         return self._scores(model, batches)
 
+    def held_out_summaries(self, model) -> dict:
+        """{"eval": ..., "native": ...}: score summaries (3 decimals) of the loop's held-out batches and,
+        when configured, the native-size eval; what the experiment scripts print for a model."""
+        summarise = lambda scores: {k: round(v, 3) for k, v in score_summary(scores).items()}
+        out = {"eval": summarise(self._scores(model, self.eval_batches()))}
+        if len(self.opts.native_eval):
+            out["native"] = summarise(self._native_scores(model))
+        return out
+
     def on_finish(self, model, workdir: str) -> None:
         model = vae_lib.with_conv_impl(model, "xla")  # one compile per training shape, as on_eval
         stats = compute_latent_stats(model, self.train_batches(jax.process_index(), jax.process_count()),
