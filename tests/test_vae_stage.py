@@ -96,3 +96,26 @@ def test_native_size_eval_scores_images_and_videos_at_their_own_shapes(tmp_path)
     config.vae.native_eval = dict(toy=dict(aspect_ratio=["1:1"]))  # misspelt field
     with pytest.raises(ValueError, match="aspect_ratio"):
         vae_stage.VAEStage(config).native_eval_config()
+
+
+def test_quick_config_eval_scores_its_whole_eval_split():
+    """The loop's held-out eval of configs/vae.py:quick covers all data.num_eval examples, once each."""
+    from sora_jax import config_lib
+
+    config = config_lib.load_config("configs/vae.py:quick")
+    stage = vae_stage.VAEStage(config)
+    batches = stage.eval_batches()
+    assert len(batches) <= config.train.num_eval_batches
+    index = np.concatenate([np.asarray(b["index"]) for b in batches])
+    index = index[index >= 0]
+    assert len(index) == len(set(index.tolist())) == config.data.num_eval
+    assert set(index.tolist()) == set(range(config.data.num_train, config.data.num_train + config.data.num_eval))
+
+
+def test_score_summary_reports_the_standard_error_of_the_mean_psnr():
+    scores = {"video": {"psnr": [20.0, 22.0, 24.0, 26.0], "ssim": [0.5] * 4, "shapes": [(9, 32, 32)]},
+              "image": {"psnr": [30.0], "ssim": [0.9], "shapes": [(1, 32, 32)]}}
+    summary = vae_stage.score_summary(scores)
+    assert summary["video_psnr"] == 23.0
+    np.testing.assert_allclose(summary["video_psnr_sem"], np.std([20, 22, 24, 26], ddof=1) / 2)
+    assert "image_psnr_sem" not in summary  # one clip has no spread to estimate

@@ -314,8 +314,16 @@ class VAEStage(Stage):
 
 
 def score_summary(scores: dict) -> dict:
-    """{kind: {metric: [per-clip values]}} from `VAEStage._scores` -> {"video_psnr": mean, ...}."""
-    return {f"{kind}_{m}": float(np.mean(v)) for kind, d in scores.items() for m, v in d.items() if v and m != "shapes"}
+    """{kind: {metric: [per-clip values]}} from `VAEStage._scores` -> {"video_psnr": mean, ...}.
+
+    Also "{kind}_psnr_sem", the standard error of the mean PSNR over the clips: the sampling
+    noise of the eval set itself, which decides whether runs scored on different clips differ
+    (docs/vae.md: two 32-clip sets 1.4 dB apart). Runs scored on the same clips differ by less."""
+    out = {f"{kind}_{m}": float(np.mean(v)) for kind, d in scores.items() for m, v in d.items() if v and m != "shapes"}
+    for kind, d in scores.items():
+        if len(d.get("psnr", ())) > 1:
+            out[f"{kind}_psnr_sem"] = float(np.std(d["psnr"], ddof=1) / np.sqrt(len(d["psnr"])))
+    return out
 
 
 # --- latent statistics ----------------------------------------------------------------------
