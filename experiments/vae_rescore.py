@@ -15,6 +15,29 @@ import argparse
 import json
 
 
+def load_scorer(workdir: str, config_spec: str, *, step=None, ema=False, num_train=None, num_eval=None):
+    """(VAEStage of config_spec with the checkpoint's architecture, the model, the trained config).
+
+    The data and eval settings come from config_spec (num_train / num_eval override its
+    data fields), the architecture from the checkpoint in workdir. The model runs the "xla"
+    convs: one compile per eval shape, as the stage's own evals."""
+    from sora_jax import config_lib
+    from sora_jax.models import vae as vae_lib
+    from sora_jax.stages import vae as vae_stage
+    from sora_jax.train.checkpoint import restore_model
+
+    config = config_lib.load_config(config_spec)
+    for field, value in (("num_train", num_train), ("num_eval", num_eval)):
+        if value is not None:
+            config.data[field] = value
+    trained_config, model = restore_model(workdir, step=step, use_ema=ema)
+    for name, c in ((config_spec, config), (workdir, trained_config)):
+        if c.stage != "vae":
+            raise ValueError(f"{name}: stage is {c.stage!r}, not 'vae'")
+    config.model = trained_config.model
+    return vae_stage.VAEStage(config), vae_lib.with_conv_impl(model, "xla"), trained_config
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a vae stage's workdir (its checkpoint is scored)")
@@ -25,22 +48,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num_eval", type=int, default=None, help="override --config's data.num_eval")
     args = p.parse_args(argv)
 
-    from sora_jax import config_lib
-    from sora_jax.models import vae as vae_lib
-    from sora_jax.stages import vae as vae_stage
-    from sora_jax.train.checkpoint import restore_model
-
-    config = config_lib.load_config(args.config)
-    for field in ("num_train", "num_eval"):
-        if getattr(args, field) is not None:
-            config.data[field] = getattr(args, field)
-    trained_config, model = restore_model(args.workdir, step=args.step, use_ema=args.ema)
-    for name, c in ((args.config, config), (args.workdir, trained_config)):
-        if c.stage != "vae":
-            raise ValueError(f"{name}: stage is {c.stage!r}, not 'vae'")
-    config.model = trained_config.model  # the data and eval settings come from --config, the architecture from W
-    stage = vae_stage.VAEStage(config)
-    model = vae_lib.with_conv_impl(model, "xla")  # one compile per eval shape, as the stage's evals
+    stage, model, trained_config = load_scorer(args.workdir, args.config, step=args.step, ema=args.ema,
+                                               num_train=args.num_train, num_eval=args.num_eval)
+    config = stage.config
     out = {"workdir": args.workdir, "config": args.config,
            "trained_num_train": int(trained_config.data.num_train), "scored_num_train": int(config.data.num_train),
            **stage.held_out_summaries(model)}
