@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from sora_jax.models.vae_api import VAEHandle
@@ -98,11 +99,12 @@ def test_native_size_eval_scores_images_and_videos_at_their_own_shapes(tmp_path)
         vae_stage.VAEStage(config).native_eval_config()
 
 
-def test_quick_config_eval_scores_its_whole_eval_split():
-    """The loop's held-out eval of configs/vae.py:quick covers all data.num_eval examples, once each."""
+@pytest.mark.parametrize("variant", ["quick", "small"])
+def test_config_eval_scores_its_whole_eval_split(variant):
+    """The loop's held-out eval of configs/vae.py covers all data.num_eval examples, once each."""
     from sora_jax import config_lib
 
-    config = config_lib.load_config("configs/vae.py:quick")
+    config = config_lib.load_config(f"configs/vae.py:{variant}")
     stage = vae_stage.VAEStage(config)
     batches = stage.eval_batches()
     assert len(batches) <= config.train.num_eval_batches
