@@ -31,6 +31,10 @@ def load_scorer(workdir: str, config_spec: str, *, step=None, ema=False, num_tra
         if value is not None:
             config.data[field] = value
     trained_config, model = restore_model(workdir, step=step, use_ema=ema)
+    if ema and not float(trained_config.optim.get("ema_decay", 0.0)) > 0:
+        # restore_model falls back to the raw parameters; a score labelled EMA must not.
+        raise ValueError(f"{workdir}: --ema, but this run kept no EMA (optim.ema_decay="
+                         f"{trained_config.optim.get('ema_decay', 0.0)})")
     for name, c in ((config_spec, config), (workdir, trained_config)):
         if c.stage != "vae":
             raise ValueError(f"{name}: stage is {c.stage!r}, not 'vae'")

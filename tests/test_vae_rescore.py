@@ -69,3 +69,9 @@ def test_breakdown_covers_every_eval_example_and_agrees_with_the_stage(micro_vae
     assert 0 < e["pixel_share"] < 1 and 0 < e["error_share"] < 1
     # Removing the edge pixels' error can only raise the pooled PSNR.
     assert e["pooled_psnr_if_edges_exact"] > out["all"]["pooled_psnr"]
+
+
+def test_rescore_refuses_ema_for_a_run_without_it(micro_vae):
+    workdir, _ = micro_vae  # micro trains with optim.ema_decay = 0
+    with pytest.raises(ValueError, match="kept no EMA"):
+        vae_rescore.main([f"--workdir={workdir}", SPEC, "--ema"])
