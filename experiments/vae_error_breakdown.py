@@ -3,7 +3,7 @@
   python experiments/vae_error_breakdown.py --workdir=W [--config=configs/vae.py:quick] [--num_eval=128]
 
 Why: the quick VAE's held-out PSNR (~22-25 dB) is far from the 30 dB target, and one mean
-over 32 clips says neither what content costs the error nor how noisy the mean is. This
+over the loop's eval clips (8 until 2026-12-07, 32 since) says neither what content costs the error nor how noisy the mean is. This
 reconstructs (posterior mean) every held-out toy-world example of --config's eval split
 (indices [num_train, num_train + num_eval)), looks up each one's ground truth, and prints
 one JSON object:
