@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from vae_rescore import load_scorer
+from vae_rescore import add_scoring_args, load_scorer
 
 
 def edge_mask(video: np.ndarray, threshold: float) -> np.ndarray:
@@ -60,12 +60,7 @@ def group_summary(psnrs: list, sq_errs: list, counts: list) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="a vae stage's workdir (its checkpoint is scored)")
-    p.add_argument("--config", default="configs/vae.py:quick", help="whose eval split is scored")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--ema", action="store_true", help="score the EMA parameters (if the run kept them)")
-    p.add_argument("--num_train", type=int, default=None, help="override --config's data.num_train (moves the eval set)")
-    p.add_argument("--num_eval", type=int, default=None, help="how many held-out examples (default: --config's)")
+    add_scoring_args(p)  # --workdir, --config, --step, --ema, --num_train, --num_eval
     p.add_argument("--edge_threshold", type=float, default=0.05, help="edge: a neighbour step above this, in [-1, 1] units")
     args = p.parse_args(argv)
 

@@ -42,14 +42,19 @@ def load_scorer(workdir: str, config_spec: str, *, step=None, ema=False, num_tra
     return vae_stage.VAEStage(config), vae_lib.with_conv_impl(model, "xla"), trained_config
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and eval-set flags of the VAE scoring scripts."""
     p.add_argument("--workdir", required=True, help="a vae stage's workdir (its checkpoint is scored)")
     p.add_argument("--config", default="configs/vae.py:quick", help="whose held-out sets score it")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="score the EMA parameters (if the run kept them)")
     p.add_argument("--num_train", type=int, default=None, help="override --config's data.num_train (moves the eval set)")
     p.add_argument("--num_eval", type=int, default=None, help="override --config's data.num_eval")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_scoring_args(p)
     args = p.parse_args(argv)
 
     stage, model, trained_config = load_scorer(args.workdir, args.config, step=args.step, ema=args.ema,
