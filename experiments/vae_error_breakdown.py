@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
             if index < 0 or int(index) in seen:
                 continue
             seen.add(int(index))
-            scene = world.sample_scene(np.random.default_rng(np.random.SeedSequence([world.seed, int(index)])))
+            scene = world.scene(int(index))
             n = sq[i].size * 3
             clips.append(dict(
                 index=int(index), kind="image" if video.shape[1] == 1 else "video",

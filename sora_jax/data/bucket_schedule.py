@@ -319,9 +319,7 @@ def pixel_keys(data, source, indices: Sequence[int]) -> list:
         world = toy_world.ToyWorld(data.toy, seed=data.toy_seed, num_examples=data.num_train + data.num_eval)
 
         def key_of(i):
-            index = int(source.indices[int(i)])
-            # ToyWorld.__getitem__ samples the scene of example `index` from this seed.
-            scene = world.sample_scene(np.random.default_rng(np.random.SeedSequence([world.seed, index])))
+            scene = world.scene(int(source.indices[int(i)]))  # the ground truth only, not rendered
             return clip_key(data, scene["num_frames"], scene["height"], scene["width"], float(world.config.fps))
 
         if len(indices) and key_of(indices[0]) != _record_key(data, source[indices[0]]):

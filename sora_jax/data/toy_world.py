@@ -219,13 +219,18 @@ class ToyWorld:
     def __len__(self) -> int:
         return self.num_examples
 
-    def __getitem__(self, index: int) -> dict:
+    def scene(self, index: int) -> dict:
+        """The ground truth of example `index` without rendering it (what world[index] renders)."""
         index = int(index)
         if not 0 <= index < self.num_examples:
             raise IndexError(f"toy world index {index} out of range [0, {self.num_examples})")
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
-        gt = self.sample_scene(rng)
+        gt = self.sample_scene(np.random.default_rng(np.random.SeedSequence([self.seed, index])))
         gt.update(seed=self.seed, index=index)
+        return gt
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        gt = self.scene(index)
         video = render(gt)
         return {
             "video": video,
