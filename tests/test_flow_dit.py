@@ -60,8 +60,9 @@ def test_stage_loss_is_finite_and_few_steps_lower_the_fixed_time_eval_loss(stage
         return stage.eval_metrics(nnx.merge(graphdef, params), batch, jax.random.key(0))
 
     def eval_loss(params):
-        metrics = [evaluate(params, b) for b in eval_batches]
-        return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+        from sora_jax.train.metrics import weighted_eval_mean  # as the loop averages the batches
+
+        return weighted_eval_mean([evaluate(params, b) for b in eval_batches])
 
     opt = optax.adam(2e-3)
     opt_state = opt.init(params)
@@ -75,7 +76,8 @@ def test_stage_loss_is_finite_and_few_steps_lower_the_fixed_time_eval_loss(stage
         return optax.apply_updates(params, updates), opt_state, loss, metrics
 
     before = eval_loss(params)
-    assert set(before) == {"loss"} | {f"loss_t{t:.2f}" for t in np.arange(1, 10) / 10}
+    assert set(before) == {"loss", "count"} | {f"loss_t{t:.2f}" for t in np.arange(1, 10) / 10}
+    assert before["count"] == 12  # every held-out example, once
     # Same checkpoint, same numbers: the eval noise is fixed.
     assert eval_loss(params)["loss"] == before["loss"]
     batches = stage.train_batches(0, 1)
@@ -99,3 +101,39 @@ def test_samples_are_deterministic_and_have_the_latent_shape(stage):
     b = stage.sample_latents(model, ["a red thing"])
     assert a[0].shape == tuple(stage.config.samples.latent_shape) + (16,)
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_eval_is_the_mean_over_held_out_examples_however_they_are_batched(stage):
+    """The loop's eval (each batch's means weighted by its count) equals scoring the held-out
+    examples one per batch, though the fixed eval batches hold unequal numbers of them."""
+    import copy
+
+    from sora_jax.stages.dit import DiTStage
+    from sora_jax.train.metrics import weighted_eval_mean
+
+    with nnx.use_eager_sharding(False):
+        model = stage.create_model(fast_rngs(3))
+    graphdef, params = nnx.split(model)
+
+    def scored(s):
+        evaluate = jax.jit(lambda p, b: s.eval_metrics(nnx.merge(graphdef, p), b, jax.random.key(0)))
+        return [{k: float(v) for k, v in evaluate(params, b).items()} for b in s.eval_batches()]
+
+    def restaged(batch_size, max_slots):
+        config = copy.deepcopy(stage.config)
+        config.data.batch_size, config.data.max_slots = batch_size, max_slots
+        config.train.num_eval_batches = 100
+        return DiTStage(config)
+
+    packed = scored(restaged(1, 5))  # one row a batch, up to 5 examples a row
+    counts = [m["count"] for m in packed]
+    assert sum(counts) == 12 and len(set(counts)) > 1, counts  # uneven: else weighting could not matter
+    alone = scored(restaged(1, 1))
+    assert [m["count"] for m in alone] == [1.0] * 12
+    want = float(np.mean([m["loss"] for m in alone]))
+    got = weighted_eval_mean(packed)
+    assert got["count"] == 12
+    # Agreement is ~1e-8 here; the unweighted mean of the batch means is off by 4e-4 (at init,
+    # where examples' losses differ little), so 2e-5 tells the two apart.
+    np.testing.assert_allclose(got["loss"], want, rtol=2e-5)
+    np.testing.assert_allclose(got["loss_t0.50"], np.mean([m["loss_t0.50"] for m in alone]), rtol=2e-5)

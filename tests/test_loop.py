@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -64,3 +65,16 @@ def test_mixed_precision_keeps_fp32_masters():
     assert all(x.dtype == np.float32 for x in _leaves(state["params"]))
     np.testing.assert_allclose(losses, ref_losses, rtol=3e-2)
     assert not np.allclose(losses, ref_losses, rtol=1e-7)  # bf16 compute really happened
+
+
+def test_eval_mean_weights_each_batch_by_its_count():
+    from sora_jax.train.metrics import weighted_eval_mean
+
+    # 3 examples at loss 1.0, then a partial batch of 1 at 5.0: the mean over examples is 2.0
+    # (an unweighted mean of the batch means would say 3.0).
+    out = weighted_eval_mean([{"loss": np.float32(1.0), "count": 3.0}, {"loss": 5.0, "count": 1.0}])
+    assert out == {"loss": 2.0, "count": 4.0}
+    assert weighted_eval_mean([{"loss": 1.0}, {"loss": 5.0}]) == {"loss": 3.0, "count": 2.0}  # no count: 1 each
+    assert weighted_eval_mean([]) == {}
+    with pytest.raises(ValueError, match="no real examples"):
+        weighted_eval_mean([{"loss": 1.0, "count": 0.0}])

@@ -173,6 +173,16 @@ def masked_loss(pred, tgt, loss_mask, segment_ids, num_slots: int, weighting: st
     return loss, per_slot, valid
 
 
+def loss_units(loss_mask, segment_ids, num_slots: int, weighting: str = "per_example"):
+    """What masked_loss averages over, as a float count: examples that have a loss token
+    (per_example) or loss tokens (per_token). The eval weights each batch by it."""
+    mask = loss_mask & (segment_ids > 0)
+    if weighting == "per_token":
+        return jnp.sum(mask).astype(jnp.float32)
+    has_token = jax.nn.one_hot(jnp.where(mask, segment_ids - 1, -1), num_slots, dtype=jnp.float32)  # -1 -> zeros
+    return jnp.sum(jnp.max(has_token, axis=1))
+
+
 def token_noise(seed: int, slot_index, segment_ids, positions, dim: int):
     """Noise that depends only on (seed, example index, token position), not on packing.
 

@@ -264,8 +264,10 @@ class CaptionerStage(Stage):
         return loss, {"token_accuracy": accuracy, "caption_tokens": tokens}
 
     def eval_metrics(self, model, batch, key):
-        loss, accuracy, _ = self._token_terms(model, batch)
-        return {"loss": loss, "token_accuracy": accuracy, "perplexity": jnp.exp(loss)}
+        # Both are means over caption tokens, so the loop weights batches by their tokens. The
+        # perplexity is exp(eval/loss): a mean of per-batch exp(loss) would not be one.
+        loss, accuracy, tokens = self._token_terms(model, batch)
+        return {"loss": loss, "token_accuracy": accuracy, "count": tokens}
 
     # --- accounting ---------------------------------------------------------------------------
     def tokens_in_batch(self, batch) -> int:

@@ -172,6 +172,7 @@ class DiTStage(Stage):
         losses = jax.lax.map(loss_at, times)
         out = {name: losses[i] for i, name in enumerate(rf.eval_time_names(d.eval_times))}
         out["loss"] = jnp.mean(losses)
+        out["count"] = rf.loss_units(keep, seg, k, d.weighting)  # the loop weights batches by it
         return out
 
     # --- accounting ---------------------------------------------------------------------

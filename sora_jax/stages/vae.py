@@ -181,7 +181,8 @@ class VAEStage(Stage):
         rec = jnp.sum(jnp.mean(err, axis=(1, 2, 3, 4)) * real) / n
         kl = jnp.sum(jnp.mean(vae_lib.kl_divergence(mean, logvar), axis=(1, 2, 3)) / mean.shape[-1] * real) / n
         return {"loss": rec + self.opts.beta * kl, "recon": rec, "kl": kl,
-                "psnr": jnp.sum(psnr(recon, video) * real) / n, "ssim": jnp.sum(ssim(recon, video) * real) / n}
+                "psnr": jnp.sum(psnr(recon, video) * real) / n, "ssim": jnp.sum(ssim(recon, video) * real) / n,
+                "count": jnp.sum(real)}  # the loop weights batches by their real clips
 
     # --- accounting ----------------------------------------------------------------------------
     def tokens_in_batch(self, batch) -> int:

@@ -256,11 +256,8 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
             return None
         results = {}
         for name, params in [("eval", state["params"])] + ([("eval_ema", state["ema"])] if "ema" in state else []):
-            sums: dict = {}
-            for i, batch in enumerate(eval_batches):
-                for k, v in eval_jit(params, state["frozen"], batch, i).items():
-                    sums[k] = sums.get(k, 0.0) + v
-            results.update({f"{name}/{k}": float(v) / len(eval_batches) for k, v in sums.items()})
+            per_batch = [eval_jit(params, state["frozen"], batch, i) for i, batch in enumerate(eval_batches)]
+            results.update({f"{name}/{k}": v for k, v in metrics_lib.weighted_eval_mean(per_batch).items()})
         writer.write(step, results)
         writer.log(f"step {step}: " + ", ".join(f"{k} {v:.5g}" for k, v in sorted(results.items())))
         return results.get("eval/loss")

@@ -38,6 +38,29 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 _cpu_peak_cache: dict[str, float] = {}
 
 
+def weighted_eval_mean(batch_metrics: list[Mapping[str, Any]]) -> dict[str, float]:
+    """The held-out metrics over all eval batches: each batch's means weighted by its "count".
+
+    A finite eval pass ends with a partial batch (the quickstart DiT's 64 held-out clips pack
+    into 61 + 3), so an unweighted mean of batch means would give those 3 clips half the
+    eval loss. The result's "count" is the total: how many examples (or tokens) were scored.
+    A batch without "count" weighs 1 (Stage.eval_metrics).
+    """
+    if not batch_metrics:
+        return {}
+    sums: dict[str, float] = {}
+    total = 0.0
+    for metrics in batch_metrics:
+        weight = float(metrics.get("count", 1.0))
+        total += weight
+        for k, v in metrics.items():
+            if k != "count":
+                sums[k] = sums.get(k, 0.0) + weight * float(v)
+    if total <= 0:
+        raise ValueError("the eval batches hold no real examples (every batch's count is 0)")
+    return {**{k: v / total for k, v in sums.items()}, "count": total}
+
+
 def measured_cpu_peak(size: int = 512, repeats: int = 5) -> float:
     """FLOP/s of an fp32 matmul on the first local device, divided among the local devices.
 
