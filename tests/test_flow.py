@@ -82,6 +82,12 @@ def test_per_example_loss_ignores_row_mates_and_padding():
     cond_free = jnp.asarray(np.arange(length) != 0)[None]
     _, per_slot_c, _ = rf.masked_loss(jnp.asarray(packed), zeros, cond_free, seg_packed, k)
     np.testing.assert_allclose(per_slot_c[0, 0], np.mean(err_a[1:] ** 2), rtol=1e-6)
+    # What the eval weights this batch by: the examples, or the loss tokens, masked_loss averaged over.
+    assert float(rf.loss_units(mask, seg_packed, k, "per_example")) == 2.0
+    assert float(rf.loss_units(mask, seg_packed, k, "per_token")) == 10.0
+    only_b = jnp.asarray(np.arange(length) >= 3)[None]  # A is all conditioning: it has no loss
+    assert float(rf.loss_units(only_b, seg_packed, k, "per_example")) == 1.0
+    assert float(rf.loss_units(only_b, seg_packed, k, "per_token")) == 7.0
 
 
 def test_token_noise_does_not_depend_on_packing():
