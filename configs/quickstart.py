@@ -42,6 +42,8 @@ def get_config(arg: str | None = None):
         # 1.02 at 1000 steps, higher at every t) and its "red circle" sample lost the circle
         # (docs/vae.md, sprint 14; one paired run on one machine, not explained yet).
         config.optim.name = "adamw"
+        if not args.micro:
+            config.optim.lr = 2e-3  # AdamW's measured lr (the fidelity config's Muon runs 1.4e-3)
     else:
         config = config_lib.load_config(f"{_HERE}/dit.py:{variant},latents={args.latents},vae={args.vae}")
     data = config.data
