@@ -39,8 +39,9 @@ def get_config(arg: str | None = None):
         config = config_lib.load_config(f"{_HERE}/vae.py:{variant}")
         # AdamW, not the fidelity config's Muon: Muon's VAE reconstructs better (21.8 vs 21.3 dB
         # at 1500 steps) but the DiT trained on its latents ends at a higher held-out loss (1.13 vs
-        # 1.02 at 1000 steps, higher at every t; both under the old unweighted eval) and its "red circle" sample lost the circle
-        # (docs/vae.md, sprint 14; one paired run on one machine, not explained yet).
+        # 1.02 at 1000 steps, higher at every t; both under the old unweighted eval) and its
+        # "red circle" sample lost the circle (docs/vae.md, sprint 14; one paired run on one
+        # machine, not explained yet).
         config.optim.name = "adamw"
         if not args.micro:
             config.optim.lr = 2e-3  # AdamW's measured lr (the fidelity config's Muon runs 1.4e-3)
