@@ -158,8 +158,7 @@ def masked_loss(pred, tgt, loss_mask, segment_ids, num_slots: int, weighting: st
       per_token: every loss token weighs the same (long examples weigh more).
     """
     err = jnp.mean(jnp.square(pred.astype(jnp.float32) - tgt.astype(jnp.float32)), axis=-1)  # [B, L]
-    mask = (loss_mask & (segment_ids > 0)).astype(jnp.float32)
-    onehot = jax.nn.one_hot(segment_ids - 1, num_slots, dtype=jnp.float32) * mask[..., None]  # [B, L, K]
+    onehot = _slot_loss_tokens(loss_mask, segment_ids, num_slots)
     err_sum = jnp.einsum("bl,blk->bk", err, onehot)
     count = jnp.sum(onehot, axis=1)
     valid = count > 0
@@ -173,14 +172,17 @@ def masked_loss(pred, tgt, loss_mask, segment_ids, num_slots: int, weighting: st
     return loss, per_slot, valid
 
 
+def _slot_loss_tokens(loss_mask, segment_ids, num_slots: int):
+    """[B, L, K] float: token l of row b is a loss token of slot k (real, not conditioning)."""
+    mask = (loss_mask & (segment_ids > 0)).astype(jnp.float32)
+    return jax.nn.one_hot(segment_ids - 1, num_slots, dtype=jnp.float32) * mask[..., None]
+
+
 def loss_units(loss_mask, segment_ids, num_slots: int, weighting: str = "per_example"):
     """What masked_loss averages over, as a float count: examples that have a loss token
     (per_example) or loss tokens (per_token). The eval weights each batch by it."""
-    mask = loss_mask & (segment_ids > 0)
-    if weighting == "per_token":
-        return jnp.sum(mask).astype(jnp.float32)
-    has_token = jax.nn.one_hot(jnp.where(mask, segment_ids - 1, -1), num_slots, dtype=jnp.float32)  # -1 -> zeros
-    return jnp.sum(jnp.max(has_token, axis=1))
+    count = jnp.sum(_slot_loss_tokens(loss_mask, segment_ids, num_slots), axis=1)  # [B, K], as masked_loss
+    return jnp.sum(count) if weighting == "per_token" else jnp.sum((count > 0).astype(jnp.float32))
 
 
 def token_noise(seed: int, slot_index, segment_ids, positions, dim: int):

@@ -257,6 +257,7 @@ def _run(config, workdir, stage, stage_name, setup, state, start_step, iterator,
         results = {}
         for name, params in [("eval", state["params"])] + ([("eval_ema", state["ema"])] if "ema" in state else []):
             per_batch = [eval_jit(params, state["frozen"], batch, i) for i, batch in enumerate(eval_batches)]
+            per_batch = jax.device_get(per_batch)  # one transfer, after every batch was dispatched
             results.update({f"{name}/{k}": v for k, v in metrics_lib.weighted_eval_mean(per_batch).items()})
         writer.write(step, results)
         writer.log(f"step {step}: " + ", ".join(f"{k} {v:.5g}" for k, v in sorted(results.items())))

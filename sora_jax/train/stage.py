@@ -80,8 +80,8 @@ class Stage(abc.ABC):
     def eval_metrics(self, model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -> dict:
         """Scalar held-out metrics (low variance: fixed times / fixed noise). Pure; runs inside jit.
 
-        Each metric is a mean over the batch's real units (examples, or tokens). Return them
-        under "count" too: the loop weights every batch by its count (metrics.weighted_eval_mean),
+        Each metric is a mean over the batch's real units (examples, or tokens). Return their
+        number under "count" too: the loop weights every batch by it (metrics.weighted_eval_mean),
         so the eval is the mean over all units of the split. Without "count" each batch weighs
         1, and a last batch of 1 example would weigh as much as a full one.
         """
