@@ -138,9 +138,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def backend_level_flag() -> str:
+    """The LLVM level in this process's XLA_FLAGS (conftest's 0, or the user's), for subprocesses; "" if none."""
+    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level"))
+
+
 def cli_env(devices: int = 8) -> dict:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {backend_level_flag()}",
                PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
                # Subprocesses share compiled steps through JAX's persistent cache (keyed by the program).
                JAX_COMPILATION_CACHE_DIR=os.path.join("/tmp", f"sora_jax_test_jax_cache_{os.getuid()}"),

@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import helpers_stage
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device, as on a laptop
+    # One CPU device, as on a laptop; conftest's LLVM level (compile time only).
+    env = dict(os.environ, XLA_FLAGS=helpers_stage.backend_level_flag(), JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "sora_jax.quickstart", "--micro", f"--workdir={workdir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 

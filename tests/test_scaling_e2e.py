@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+import helpers_stage
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import plot_scaling  # noqa: E402
 import scaling_sweep  # noqa: E402
@@ -45,7 +47,8 @@ def test_micro_sweep_through_the_real_loop(tmp_path, monkeypatch):
     latents = str(tmp_path / "latents")
     write_latents(latents, "train", 128, 0)
     write_latents(latents, "eval", 16, 1)
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device per run, not the 8 fake ones of conftest
+    # One CPU device per run, not the 8 fake ones of conftest; its LLVM level (compile time only).
+    monkeypatch.setenv("XLA_FLAGS", helpers_stage.backend_level_flag())
     root = str(tmp_path / "sweep")
     spec = f"base|4x|16x,preset=micro,latents={latents}"
     rows = scaling_sweep.run_sweep(spec, root, xla_check=True)

@@ -15,6 +15,9 @@ import vae_rescore  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = f"--config={ROOT}/configs/vae.py:micro"
 
+# One xdist worker runs this module, so the fixture's VAE is trained once (~50 s).
+pytestmark = pytest.mark.xdist_group("vae_rescore")
+
 
 @pytest.fixture(scope="module")
 def micro_vae(tmp_path_factory):

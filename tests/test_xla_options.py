@@ -96,6 +96,7 @@ def test_config_default_and_old_workdirs(monkeypatch):
 def test_init_options_draw_the_same_parameters_up_to_rounding(monkeypatch):
     """The init's low LLVM level changes compile time, not the draws (beyond float rounding);
     a user's own level in XLA_FLAGS wins."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # no level of the user's (conftest sets one)
     options = xla_options.init_compiler_options()
     assert options == {"xla_backend_optimization_level": 0}
     draw = lambda: jax.nn.initializers.truncated_normal(0.02)(jax.random.key(3), (64, 96))  # noqa: E731
