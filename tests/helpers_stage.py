@@ -79,21 +79,36 @@ class RegressionStage(Stage):
         return iter(ids.map(throttle) if sleep_s else ids)
 
     def eval_batches(self):
+        """1.5 global batches of held-out examples; the last is half padding, flagged by "real".
+
+        Each process keeps its slice of every global batch, so with 2 processes the second
+        process's part of the last batch is all padding: the eval must weight batches by
+        their global count (metrics.weighted_eval_mean), not by what one host holds.
+        """
         c = self.config.data
-        examples = [_example(10_000 + int(self.config.seed), i) for i in range(2 * c.batch_size)]
+        examples = [_example(10_000 + int(self.config.seed), i) for i in range(3 * c.batch_size // 2)]
+        n = jax.process_count()
+        local = c.batch_size // n
         batches = []
         for start in range(0, len(examples), c.batch_size):
             chunk = examples[start:start + c.batch_size]
-            n = jax.process_count()
-            local = len(chunk) // n
-            chunk = chunk[jax.process_index() * local:(jax.process_index() + 1) * local]
-            batches.append({k: np.stack([e[k] for e in chunk]) for k in chunk[0]})
+            real = np.arange(c.batch_size) < len(chunk)
+            chunk = chunk + [chunk[0]] * (c.batch_size - len(chunk))  # padding: any finite values
+            batch = {k: np.stack([e[k] for e in chunk]) for k in chunk[0]} | {"real": real.astype(np.float32)}
+            batches.append({k: v[jax.process_index() * local:(jax.process_index() + 1) * local]
+                            for k, v in batch.items()})
         return batches
 
     def loss(self, model, batch, key):
         pred = model(batch["x"])
         mse = jnp.mean((pred.astype(jnp.float32) - batch["y"]) ** 2)
         return mse, {"mse": mse}
+
+    def eval_metrics(self, model, batch, key):
+        per_example = jnp.mean((model(batch["x"]).astype(jnp.float32) - batch["y"]) ** 2, axis=-1)
+        count = jnp.sum(batch["real"])
+        mse = jnp.sum(per_example * batch["real"]) / count
+        return {"loss": mse, "mse": mse, "count": count}
 
     def train_flops_per_batch(self, batch):
         return 6.0 * (D_IN * D_HIDDEN + D_HIDDEN * D_OUT) * batch["x"].shape[0]
@@ -170,4 +185,18 @@ def train_losses(workdir: str) -> dict[int, float]:
             row = json.loads(line)
             if "train/loss" in row:
                 out[row["step"]] = row["train/loss"]
+    return out
+
+
+def eval_metrics(workdir: str) -> dict[int, dict[str, float]]:
+    """step -> the loop's held-out metrics ("eval/..." and "eval_ema/...") from metrics.jsonl."""
+    import json
+
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            evals = {k: v for k, v in row.items() if k.startswith(("eval/", "eval_ema/"))}
+            if evals:
+                out.setdefault(row["step"], {}).update(evals)
     return out

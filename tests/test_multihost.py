@@ -1,4 +1,4 @@
-"""Two processes x 4 CPU devices (gloo collectives) train exactly like one process with 8 devices."""
+"""Two processes x 4 CPU devices (gloo collectives) train and evaluate exactly like one process with 8 devices."""
 
 import os
 import signal
@@ -52,6 +52,15 @@ def test_two_processes_match_one_process(tmp_path):
     want, got = helpers_stage.train_losses(reference), helpers_stage.train_losses(workdir)
     assert sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+    # The held-out eval too: process 1 holds only padding of the last eval batch, so a count
+    # taken per host, or batches averaged unweighted, would move these.
+    want_eval, got_eval = helpers_stage.eval_metrics(reference), helpers_stage.eval_metrics(workdir)
+    assert sorted(got_eval) == sorted(want_eval) == [3, 4]
+    for step in want_eval:
+        assert sorted(got_eval[step]) == sorted(want_eval[step])
+        assert got_eval[step]["eval/count"] == want_eval[step]["eval/count"] == 24
+        for name in want_eval[step]:
+            np.testing.assert_allclose(got_eval[step][name], want_eval[step][name], rtol=1e-5, err_msg=name)
     # Both processes wrote their data-iterator state into the shared checkpoint.
     data_dir = os.path.join(workdir, "checkpoints", "4", "data")
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
