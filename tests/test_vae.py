@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sora_jax.models import vae, vae_chunked, vae_patching
+from sora_jax.models import causal_conv, vae, vae_chunked, vae_patching
 from model_helpers import fast_rngs
 
 # conv_impl="xla": far fewer HLO ops than "taps", so tests compile quickly.
@@ -182,7 +182,7 @@ def test_tap_conv_paths_match_xla_conv(cin, cout, max_overhead, monkeypatch):
     output channels, and for the rest per-tap shifted inputs or, forced here by the
     overhead threshold, shifted outputs over the flattened frame) equal
     lax.conv_general_dilated."""
-    monkeypatch.setattr(vae, "_SHIFTED_OUTPUT_MAX_OVERHEAD", max_overhead)
+    monkeypatch.setattr(causal_conv, "_SHIFTED_OUTPUT_MAX_OVERHEAD", max_overhead)
     with nnx.use_eager_sharding(False):
         taps = vae.CausalConv3d(cin, cout, impl="taps", rngs=fast_rngs(0))
         ref = vae.CausalConv3d(cin, cout, impl="xla", rngs=fast_rngs(0))

@@ -2,7 +2,7 @@
 
 Time. As in Wan 2.1's VAE, the first frame is encoded alone, then chunks of
 `temporal_compression * chunk_latents` frames follow. Every causal layer keeps
-the last frames it saw in a `CausalCache` (vae.py) and reads them in place of
+the last frames it saw in a `CausalCache` (causal_conv.py) and reads them in place of
 zero padding, so the chunked result equals the unchunked one up to float
 rounding, and memory depends on the chunk length, not on the video length.
 Decoding runs the same way, one latent frame (or `chunk_latents`) at a time.
@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.models.vae import CausalCache, CausalVAE, check_video_shape
+from sora_jax.models.causal_conv import CausalCache
+from sora_jax.models.vae import CausalVAE, check_video_shape
 
 
 @nnx.jit
