@@ -175,28 +175,23 @@ def cli_command(workdir: str, arg: str = "", overrides: tuple = ()) -> list[str]
             f"--workdir={workdir}", *overrides]
 
 
-def train_losses(workdir: str) -> dict[int, float]:
-    """step -> train loss from metrics.jsonl; a resumed run's later entry for a step wins."""
+def _metric_rows(workdir: str):
     import json
 
-    out = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/loss" in row:
-                out[row["step"]] = row["train/loss"]
-    return out
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+    """step -> train loss from metrics.jsonl; a resumed run's later entry for a step wins."""
+    return {row["step"]: row["train/loss"] for row in _metric_rows(workdir) if "train/loss" in row}
 
 
 def eval_metrics(workdir: str) -> dict[int, dict[str, float]]:
     """step -> the loop's held-out metrics ("eval/..." and "eval_ema/...") from metrics.jsonl."""
-    import json
-
     out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            evals = {k: v for k, v in row.items() if k.startswith(("eval/", "eval_ema/"))}
-            if evals:
-                out.setdefault(row["step"], {}).update(evals)
+    for row in _metric_rows(workdir):
+        evals = {k: v for k, v in row.items() if k.startswith(("eval/", "eval_ema/"))}
+        if evals:
+            out.setdefault(row["step"], {}).update(evals)
     return out
