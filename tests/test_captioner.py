@@ -81,6 +81,46 @@ def test_greedy_decoding_matches_teacher_forcing_and_handles_any_size():
             np.testing.assert_array_equal(got[row, :end], expected[row, :end])
 
 
+def test_captioner_tells_an_image_from_a_static_video_of_it():
+    """An image's one temporal patch equals a video's first (frame 0 repeated), and RoPE is relative,
+    so without the media embedding the quick captioner called every held-out image a video. Here the
+    two media differ only in length: each clip is one random frame, alone or repeated 5 times, and the
+    caption is one word naming the medium. After 150 Adam steps >= 90% of new clips of each medium must
+    be named right (97% / 97% measured; with the embedding zeroed and frozen: 70% / 28%, chance)."""
+    import optax
+
+    cfg = captioner_config("micro")
+    cfg.vocab_size, cfg.max_len = 8, 2
+    model = create_captioner(cfg, seed=0)
+    image_id, video_id = 5, 6
+
+    def batch(key, n=8):
+        frames = jax.random.uniform(key, (n, 1, 16, 16, 3), minval=-1, maxval=1)
+        return frames, jnp.repeat(frames, 5, axis=1)
+
+    def loss_fn(model, images, videos):
+        def xent(video, word):
+            logits = model(video, jnp.full((video.shape[0], 1), EOS_ID, jnp.int32))[:, 0]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((video.shape[0],), word)).mean()
+        return xent(images, image_id) + xent(videos, video_id)
+
+    optimizer = nnx.Optimizer(model, optax.adam(2e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, images, videos):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, images, videos)
+        optimizer.update(model, grads)
+        return loss
+
+    for i in range(150):
+        step(model, optimizer, *batch(jax.random.key(i)))
+    images, videos = batch(jax.random.key(1000), n=64)
+    start = jnp.full((64, 1), EOS_ID, jnp.int32)
+    image_acc = float((jnp.argmax(model(images, start)[:, 0], -1) == image_id).mean())
+    video_acc = float((jnp.argmax(model(videos, start)[:, 0], -1) == video_id).mean())
+    assert image_acc >= 0.9 and video_acc >= 0.9, (image_acc, video_acc)
+
+
 def test_pad_frames_repeats_the_first_frame():
     video = jnp.arange(5.0).reshape(1, 5, 1, 1, 1) * jnp.ones((1, 5, 8, 8, 3))
     padded = pad_frames(video, 4)

@@ -10,6 +10,8 @@
 Frames. Clips have T = 1 + 4k frames (the data pipeline's rule, the same as the
 causal VAE's). The first frame is repeated pt - 1 times in front, so T becomes a
 multiple of pt and a 1-frame image is one temporal patch of its own, as in the VAE.
+That patch equals a video's first one, so a learned media embedding (image or video)
+is added to every token: it is what lets the captioner say "image".
 
 Sequences. Teacher forcing feeds [EOS, ids[:-1]] and predicts ids: the tokenizer
 has no BOS, so EOS (id 1) doubles as the start token, as GPT-2's <|endoftext|> does.
@@ -163,6 +165,11 @@ class Captioner(nnx.Module):
         self.head_dim, self.theta, self.dtype = width // heads, float(cfg.rope_theta), dtype
         patch_dim = int(np.prod(self.patch)) * 3
         self.patch_embed = Dense(patch_dim, width, (None, "embed"), **kw)
+        # Row 0 is added to every token of a video, row 1 to every token of an image. Without it an
+        # image is indistinguishable from a video's first temporal patch (the same repeated frame 0,
+        # and RoPE is relative), and the quick captioner called all its held-out images videos.
+        self.media_embed = nnx.Param(sharding.partitioned(nnx.initializers.normal(0.02), (None, "embed"))(
+            rngs.params(), (2, width), param_dtype))
         self.encoder = nnx.List([EncoderBlock(cfg, **kw) for _ in range(int(cfg.encoder_depth))])
         self.encoder_norm = _layer_norm(width, **kw)
         self.embed = nnx.Embed(self.vocab_size, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -177,9 +184,11 @@ class Captioner(nnx.Module):
         """[B, T, H, W, 3] -> video tokens [B, N, width] (N = spacetime patches)."""
         if video.ndim != 5 or video.shape[-1] != 3:
             raise ValueError(f"captioner expects video (B, T, H, W, 3), got {video.shape}")
+        is_image = int(video.shape[1] == 1)  # static: one compile per shape anyway
         video = pad_frames(video.astype(self.dtype), self.patch[0])
         grid = patches.grid_shape(video.shape[1:4], self.patch)
-        x = sharding.constrain(self.patch_embed(patches.patchify(video, self.patch)), BATCH_LEN_EMBED)
+        x = self.patch_embed(patches.patchify(video, self.patch)) + self.media_embed[is_image].astype(self.dtype)
+        x = sharding.constrain(x, BATCH_LEN_EMBED)
         positions = jnp.asarray(patches.grid_positions(grid))[None]
         cos, sin = rope_angles(positions, self.head_dim, self.theta)
         for block in self.encoder:
