@@ -1,6 +1,7 @@
 """Checkpoints in-process: restoring onto another device count and mesh; corrupt latest falls back."""
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ import helpers_stage
 from sora_jax import sharding
 from sora_jax.train import checkpoint as ckpt_lib
 from sora_jax.train import loop
+from sora_jax.train import stages
 from sora_jax.train import state as state_lib
 
 
@@ -104,3 +106,34 @@ def test_a_changed_model_config_is_an_error_not_a_fallback(tmp_path):
         checkpointer.restore_latest(target)
     assert checkpointer.all_steps() == [2]  # nothing moved
     checkpointer.close()
+
+
+def test_a_changed_model_code_names_the_arrays_that_differ(tmp_path, monkeypatch):
+    """A checkpoint from before a code change (a new parameter, a new width) fails with the paths that differ."""
+    workdir = str(tmp_path / "w")
+    config = helpers_stage.get_config("steps=2,quiet")
+    loop.train(config, workdir)
+    # restore_model imports the stage as "tests.helpers_stage", another module object than this file's.
+    module = sys.modules[stages.get_stage_class(config.stage).__module__]
+
+    original_init = module.MLP.__init__
+
+    def init_with_a_new_parameter(self, rngs):
+        original_init(self, rngs)
+        self.media_embed = nnx.Param(jax.numpy.zeros((2, module.D_HIDDEN)))
+
+    monkeypatch.setattr(module.MLP, "__init__", init_with_a_new_parameter)
+    with pytest.raises(RuntimeError, match="model code") as info:
+        ckpt_lib.restore_model(workdir)
+    message = str(info.value)
+    assert "params/media_embed: in this code's state, not in checkpoint 2" in message
+    assert "Retrain with a new --workdir" in message
+    assert "up/kernel" not in message.split("Newest error")[0]  # only what differs is listed
+
+    monkeypatch.setattr(module.MLP, "__init__", original_init)
+    monkeypatch.setattr(module, "D_HIDDEN", 2 * module.D_HIDDEN)
+    with pytest.raises(RuntimeError) as info:
+        ckpt_lib.restore_model(workdir)
+    message = str(info.value).split("Newest error")[0]
+    assert f"params/up/kernel: shape ({helpers_stage.D_IN}, 16) in checkpoint 2, ({helpers_stage.D_IN}, 32) in this code's state" in message
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]  # nothing moved aside

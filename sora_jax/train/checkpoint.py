@@ -174,12 +174,41 @@ class Checkpointer:
                 _log(f"Resumed from checkpoint {step} (fallback from corrupt checkpoint {failures[0][0]}).")
             return state, step
         if failures:
+            newest, err = failures[0]
+            difference = self._tree_difference(newest, abstract_state)
             raise RuntimeError(
                 f"none of the checkpoints {steps} in {self.directory} restores into the state this config "
-                "builds (did the model config change?). Use a new --workdir, or move the checkpoints away. "
-                f"Newest error: {type(failures[0][1]).__name__}: {failures[0][1]}"
-            ) from failures[0][1]
+                "builds (did the model config change, or the model code since the checkpoint was written?)."
+                + (f"\nArrays that differ:\n  {difference}\n" if difference else " ")
+                + "Retrain with a new --workdir, or move the checkpoints away. "
+                f"Newest error: {type(err).__name__}: {str(err)[:600 if difference else 2000]}"
+            ) from err
         return None
+
+    def _tree_difference(self, step: int, abstract_state: Any, limit: int = 8) -> str:
+        """Names the arrays that the checkpoint and the target state do not share, for the error above.
+
+        orbax's own tree-mismatch message dumps both trees; a researcher who changed the code
+        wants the few paths that differ ("params/media_embed: not in checkpoint 600").
+        """
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+            saved = _flat_shapes(getattr(saved, "tree", saved))
+        except Exception:  # no readable metadata (the damaged case): the orbax error has to do
+            return ""
+        target = _flat_shapes(abstract_state)
+
+        def order(keys):  # the parameters first: ema and opt_state repeat their paths
+            return sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+
+        lines = [f"{k}: in this code's state, not in checkpoint {step}" for k in order(target.keys() - saved.keys())]
+        lines += [f"{k}: in checkpoint {step}, not in this code's state" for k in order(saved.keys() - target.keys())]
+        lines += [f"{k}: shape {saved[k]} in checkpoint {step}, {target[k]} in this code's state"
+                  for k in order(saved.keys() & target.keys()) if saved[k] != target[k]]
+        if not lines:
+            return ""
+        more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+        return "\n  ".join(lines[:limit]) + more
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -191,6 +220,24 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices(f"quarantine_checkpoint_{step}")
         self.manager.reload()  # forget the moved step
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple | None]:
+    """{"params/up/kernel": shape} over a state or orbax metadata tree (None where a leaf has no shape)."""
+
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = "/".join(name(k) for k in path)
+        key = key[:-len("/value")] if key.endswith("/value") else key  # nnx Variables store {"value": array}
+        shape = getattr(leaf, "shape", None)
+        flat[key] = tuple(shape) if shape is not None else None
+    return flat
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
