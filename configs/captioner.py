@@ -73,7 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Greedy captioning of held-out videos at every eval (on_eval), scored against the truth.
     config.captioner = ml_collections.ConfigDict(dict(
-        num_examples=8 if variant == "micro" else 32,  # held-out videos captioned per eval
+        num_examples=8 if variant == "micro" else 32,  # held-out records captioned per eval (the data mix)
+        # ... plus this many held-out images: quick's mix has 10% images, 4 of the 32 above, too few
+        # to measure whether the captioner tells an image from a video (stages/captioner.py).
+        num_images=0 if variant == "micro" else 16,
         batch_size=8,  # videos per greedy-decoding batch (rounded up to the device count)
         vocab_scan=4096,  # non-toy data: training captions read for the id -> word table
     ))

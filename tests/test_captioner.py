@@ -161,6 +161,19 @@ def test_stage_refuses_short_captions():
         cap.CaptionerStage(_config(**{"data.caption": "short"}))
 
 
+def test_caption_eval_adds_held_out_images():
+    """captioner.num_images adds that many 1-frame held-out examples after the mix's first clips."""
+    config = _config(**{"captioner.num_images": 3, "data.toy.image_prob": 0.0})  # the mix: videos only
+    examples = cap.CaptionerStage(config)._caption_examples()
+    count, num_train = int(config.captioner.num_examples), int(config.data.num_train)
+    assert len(examples) == count + 3
+    assert all(e["video"].shape[0] > 1 for e in examples[:count])
+    assert all(e["video"].shape[0] == 1 for e in examples[count:])
+    indices = [e["index"] for e in examples]
+    assert len(set(indices)) == len(indices) and min(indices) >= num_train  # distinct and held out
+    assert all(("media", "image") in captions.caption_facts(e["ground_truth"]) for e in examples[count:])
+
+
 # --- training through the loop ------------------------------------------------------------------
 
 
@@ -178,6 +191,23 @@ def test_training_lowers_the_loss_and_writes_captions(trained):
     assert all(r["reference"] and isinstance(r["caption"], str) and r["facts"] > 0 for r in rows)
     vocab = cap.read_vocabulary(workdir)
     assert vocab["vocab_size"] == 8192 and "circle" in vocab["words"].values()
+
+
+def test_caption_eval_scores_the_extra_images_apart(trained, tmp_path, capsys):
+    from sora_jax.train import checkpoint
+
+    workdir, _ = trained
+    config, model = checkpoint.restore_model(workdir)
+    config.captioner.num_images = 2
+    stage = cap.CaptionerStage(config)
+    stage.on_eval(model, str(tmp_path), 6, writer=None)
+    with open(tmp_path / "captions" / "step_6.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    count = int(config.captioner.num_examples)
+    assert [r["set"] for r in rows] == ["mix"] * count + ["images"] * 2
+    assert all(r["shape"][0] == 1 for r in rows[count:])
+    out = capsys.readouterr().out
+    assert "images/recall_media" in out and " fact_recall" in out
 
 
 def test_greedy_captions_are_vocabulary_words(trained):

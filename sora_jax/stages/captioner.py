@@ -227,6 +227,7 @@ class CaptionerStage(Stage):
             raise ValueError(f"config.model.max_len {model.max_len} < config.data.text_len {data.text_len}")
         self._vocab = None
         self._examples = None
+        self._num_mix = 0  # how many of the examples are the data mix's (the rest: extra images)
         self._writer_cache = None
 
     # --- model --------------------------------------------------------------------------
@@ -294,20 +295,44 @@ class CaptionerStage(Stage):
         return self._vocab
 
     def _caption_examples(self) -> list[dict]:
-        """The first config.captioner.num_examples held-out records as eval clips (fixed)."""
+        """The held-out records captioned at every eval (fixed): clips, then extra images.
+
+        First the first `captioner.num_examples` records of the eval split, as the data mix
+        has them (quick: 10% images, so 4 of 32). Then `captioner.num_images` more held-out
+        images, so that media recall (is it an image?) rests on more than a handful: on the
+        toy world, the eval split's later records rendered with `image_prob=1` (new scenes,
+        still held out: the split's indices are never trained on); on other sources, the
+        split's later 1-frame records, as many as there are.
+        """
         if self._examples is None:
             from sora_jax.data import sources, transforms
 
             data = self.config.data
+            settings = self.config.get("captioner", {})
             source = sources.make_source(data, "eval")
             transform = transforms.VideoTransform(data, train=False)
-            count = min(int(self.config.get("captioner", {}).get("num_examples", 16)), len(source))
-            self._examples = []
-            for i in range(count):
-                record = source[i]
-                self._examples.append(dict(index=int(record["index"]), video=transform(record)["video"],
-                                           reference=transforms.caption_of(record, data),
-                                           ground_truth=sources.ground_truth(record)))
+
+            def example(record):
+                return dict(index=int(record["index"]), video=transform(record)["video"],
+                            reference=transforms.caption_of(record, data), ground_truth=sources.ground_truth(record))
+
+            count = min(int(settings.get("num_examples", 16)), len(source))
+            self._examples = [example(source[i]) for i in range(count)]
+            self._num_mix = count
+            wanted = int(settings.get("num_images", 0))
+            if wanted:
+                image_source = source
+                if data.source == "toy":
+                    images_only = ml_collections.ConfigDict(data.to_dict())
+                    images_only.toy.image_prob = 1.0
+                    image_source = sources.make_source(images_only, "eval")
+                for i in range(count, len(image_source)):
+                    if wanted == 0:
+                        break
+                    record = image_source[i]
+                    if np.shape(record["video"])[0] == 1:
+                        self._examples.append(example(record))
+                        wanted -= 1
         return self._examples
 
     def on_eval(self, model, workdir: str, step: int, writer: Any) -> None:
@@ -329,14 +354,19 @@ class CaptionerStage(Stage):
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"step_{step}.jsonl")
         with open(path, "w") as f:
-            for e, c, s in zip(examples, decoded, scores):
-                row = {"index": e["index"], "shape": list(e["video"].shape[:3]), "caption": c,
+            for i, (e, c, s) in enumerate(zip(examples, decoded, scores)):
+                row = {"index": e["index"], "set": "mix" if i < self._num_mix else "images",
+                       "shape": list(e["video"].shape[:3]), "caption": c,
                        "reference": e["reference"], **{k: v for k, v in s.items() if k != "per_kind"}}
                 f.write(json.dumps(row) + "\n")
-        summary = summarise(scores)
+        # The mix's figures stay comparable across configs; the extra images get their own.
+        summary = summarise(scores[:self._num_mix])
+        if len(scores) > self._num_mix:
+            summary.update({k.replace("captions/", "captions/images/"): v
+                            for k, v in summarise(scores[self._num_mix:]).items()})
         if hasattr(writer, "write"):
             writer.write(step, summary)
-        log(f"captioner step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in summary.items())
+        log(f"captioner step {step}: " + ", ".join(f"{k.removeprefix('captions/')} {v:.3f}" for k, v in summary.items())
             + f"; captions in {path}\n  e.g. {decoded[0]!r}")
 
     def on_finish(self, model, workdir: str) -> None:
