@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(dict(
         base_width=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_res_blocks=2, latent_channels=16,
-        temporal_compression=4, mid_attention=True, conv_impl="auto", input_patch=1,
+        temporal_compression=4, mid_attention=True, level_attention=(), conv_impl="auto", input_patch=1,
         patch_shortcut=True, shortcut_decoder="cell", compute_dtype="float32"))
     config.model.update(model_over)
 

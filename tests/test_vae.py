@@ -13,13 +13,21 @@ from model_helpers import fast_rngs
 MICRO = dict(base_width=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, mid_attention=True, conv_impl="xla")
 # The same 4x8x8 compression with a 2x2 pixel unshuffle in front (one conv level fewer) and
 # the tent-windowed decoder shortcut: the second model runs every test below with both.
-MICRO_PATCH2 = dict(MICRO, channel_mult=(1, 2, 2), input_patch=2, shortcut_decoder="tent")
+# It also has per-frame attention at every level (model.level_attention).
+MICRO_PATCH2 = dict(MICRO, channel_mult=(1, 2, 2), input_patch=2, shortcut_decoder="tent", level_attention=(0, 1, 2))
 
 
-@pytest.fixture(scope="module", params=[MICRO, MICRO_PATCH2], ids=["plain", "input_patch2_tent"])
+@pytest.fixture(scope="module", params=[MICRO, MICRO_PATCH2], ids=["plain", "input_patch2_tent_attention"])
 def model(request):
     with nnx.use_eager_sharding(False):
-        return vae.CausalVAE(request.param, rngs=fast_rngs(0))
+        m = vae.CausalVAE(request.param, rngs=fast_rngs(0))
+    # Attention outputs start at zero (a fresh block is the identity); give them weights so the
+    # tests below see the attention paths, not only the res blocks around them.
+    for i, (_, module) in enumerate(nnx.iter_modules(m)):
+        if isinstance(module, vae.FrameAttention):
+            kernel = module.proj.kernel
+            kernel[...] = 0.3 * jax.random.normal(jax.random.key(i), kernel.shape) / np.sqrt(kernel.shape[-2])
+    return m
 
 
 def _video(t, h, w, seed=0, b=1):
@@ -266,3 +274,16 @@ def test_vae_small_matches_wan_parameter_count():
 
     assert count(patch_shortcut=False) == 10_127_667
     assert count() == 10_127_667 + 768 * 32 + 16 * 768 + 768
+
+
+def test_level_attention_adds_frame_attention_at_the_named_levels():
+    def attention_widths(part):
+        return [m.norm.scale.shape[0] for _, m in nnx.iter_modules(part) if isinstance(m, vae.FrameAttention)]
+
+    with nnx.use_eager_sharding(False):
+        m = nnx.eval_shape(lambda: vae.CausalVAE(dict(MICRO_PATCH2, level_attention=(0, 1)), rngs=nnx.Rngs(0)))
+    # widths 8, 16, 16 at levels 0, 1, 2; the mid block's attention is at the coarsest (16).
+    assert attention_widths(m.encoder) == [8, 16, 16]
+    assert attention_widths(m.decoder) == [16, 16, 8]
+    with pytest.raises(ValueError, match="level_attention"):
+        vae.vae_config(dict(MICRO_PATCH2, level_attention=(3,)))

@@ -52,6 +52,10 @@ class VAEConfig:
     latent_channels: int = 16
     temporal_compression: int = 4
     mid_attention: bool = True
+    # Levels (0 = the finest, as channel_mult) that also get per-frame attention after their res
+    # blocks, in the encoder and the mirrored decoder level: a layer that sees the whole frame,
+    # where a 3x3x3 conv sees its neighbours (the mid block's attention is at the coarsest level).
+    level_attention: tuple[int, ...] = ()
     # "taps" (sums of per-tap matmuls: faster on XLA:CPU, docs/vae.md) | "xla" (lax.conv_general_dilated,
     # which GPUs and TPUs run as their own tuned convolutions) | "auto" ("taps" on CPU, "xla" elsewhere).
     conv_impl: str = "auto"
@@ -97,6 +101,8 @@ class VAEConfig:
             raise ValueError(f"model.shortcut_decoder='tent' needs an even spatial compression, got {self.spatial_compression}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if any(not 0 <= i <= n for i in self.level_attention):
+            raise ValueError(f"model.level_attention={self.level_attention}: levels must be in 0..{n}")
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
 
@@ -253,6 +259,8 @@ class Encoder(nnx.Module):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResBlock(cin, cout, impl=cfg.conv_impl, rngs=rngs))
                 cin = cout
+            if i in cfg.level_attention:
+                layers.append(FrameAttention(cout, rngs=rngs))
             if i < len(widths) - 1:
                 layers.append(SpatialDown(cout, rngs=rngs))
                 if cfg.temporal_down[i]:
@@ -281,6 +289,8 @@ class Decoder(nnx.Module):
             for _ in range(cfg.decoder_res_blocks):
                 layers.append(ResBlock(cin, cout, impl=cfg.conv_impl, rngs=rngs))
                 cin = cout
+            if len(widths) - 1 - i in cfg.level_attention:
+                layers.append(FrameAttention(cout, rngs=rngs))
             if i < len(widths) - 1:
                 if time_up[i]:
                     layers.append(TimeUpsample(cout, rngs=rngs))
