@@ -174,6 +174,14 @@ def test_caption_eval_adds_held_out_images():
     assert all(("media", "image") in captions.caption_facts(e["ground_truth"]) for e in examples[count:])
 
 
+def test_caption_eval_says_when_the_split_has_too_few_images(capsys):
+    config = _config(**{"captioner.num_images": 100})  # micro's eval split holds 16 records
+    examples = cap.CaptionerStage(config)._caption_examples()
+    found = len(examples) - int(config.captioner.num_examples)
+    assert found == int(config.data.num_eval) - int(config.captioner.num_examples)
+    assert f"only {found} images" in capsys.readouterr().out
+
+
 # --- training through the loop ------------------------------------------------------------------
 
 

@@ -333,6 +333,10 @@ class CaptionerStage(Stage):
                     if np.shape(record["video"])[0] == 1:
                         self._examples.append(example(record))
                         wanted -= 1
+                if wanted:
+                    print(f"[captioner] captioner.num_images={settings.num_images}: the eval split has only "
+                          f"{len(self._examples) - count} images after its first {count} records; captioning those",
+                          flush=True)
         return self._examples
 
     def on_eval(self, model, workdir: str, step: int, writer: Any) -> None:

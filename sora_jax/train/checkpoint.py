@@ -189,7 +189,7 @@ class Checkpointer:
         """Names the arrays that the checkpoint and the target state do not share, for the error above.
 
         orbax's own tree-mismatch message dumps both trees; a researcher who changed the code
-        wants the few paths that differ ("params/media_embed: not in checkpoint 600").
+        wants the few paths that differ ("params/media_embed: in this code's state, not in checkpoint 600").
         """
         try:
             saved = self.manager.item_metadata(step)["state"]
