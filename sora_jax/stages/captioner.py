@@ -227,7 +227,6 @@ class CaptionerStage(Stage):
             raise ValueError(f"config.model.max_len {model.max_len} < config.data.text_len {data.text_len}")
         self._vocab = None
         self._examples = None
-        self._num_mix = 0  # how many of the examples are the data mix's (the rest: extra images)
         self._writer_cache = None
 
     # --- model --------------------------------------------------------------------------
@@ -312,31 +311,30 @@ class CaptionerStage(Stage):
             source = sources.make_source(data, "eval")
             transform = transforms.VideoTransform(data, train=False)
 
-            def example(record):
-                return dict(index=int(record["index"]), video=transform(record)["video"],
+            def example(record, group):
+                return dict(index=int(record["index"]), group=group, video=transform(record)["video"],
                             reference=transforms.caption_of(record, data), ground_truth=sources.ground_truth(record))
 
             count = min(int(settings.get("num_examples", 16)), len(source))
-            self._examples = [example(source[i]) for i in range(count)]
-            self._num_mix = count
+            self._examples = [example(source[i], "mix") for i in range(count)]
             wanted = int(settings.get("num_images", 0))
             if wanted:
                 image_source = source
                 if data.source == "toy":
-                    images_only = ml_collections.ConfigDict(data.to_dict())
+                    images_only = data.copy_and_resolve_references()
                     images_only.toy.image_prob = 1.0
                     image_source = sources.make_source(images_only, "eval")
+                images = []
                 for i in range(count, len(image_source)):
-                    if wanted == 0:
+                    if len(images) == wanted:
                         break
                     record = image_source[i]
                     if np.shape(record["video"])[0] == 1:
-                        self._examples.append(example(record))
-                        wanted -= 1
-                if wanted:
-                    print(f"[captioner] captioner.num_images={settings.num_images}: the eval split has only "
-                          f"{len(self._examples) - count} images after its first {count} records; captioning those",
-                          flush=True)
+                        images.append(example(record, "images"))
+                if len(images) < wanted:
+                    print(f"[captioner] captioner.num_images={wanted}: the eval split has only {len(images)} "
+                          f"images after its first {count} records; captioning those", flush=True)
+                self._examples += images
         return self._examples
 
     def on_eval(self, model, workdir: str, step: int, writer: Any) -> None:
@@ -358,16 +356,15 @@ class CaptionerStage(Stage):
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"step_{step}.jsonl")
         with open(path, "w") as f:
-            for i, (e, c, s) in enumerate(zip(examples, decoded, scores)):
-                row = {"index": e["index"], "set": "mix" if i < self._num_mix else "images",
-                       "shape": list(e["video"].shape[:3]), "caption": c,
+            for e, c, s in zip(examples, decoded, scores):
+                row = {"index": e["index"], "set": e["group"], "shape": list(e["video"].shape[:3]), "caption": c,
                        "reference": e["reference"], **{k: v for k, v in s.items() if k != "per_kind"}}
                 f.write(json.dumps(row) + "\n")
         # The mix's figures stay comparable across configs; the extra images get their own.
-        summary = summarise(scores[:self._num_mix])
-        if len(scores) > self._num_mix:
-            summary.update({k.replace("captions/", "captions/images/"): v
-                            for k, v in summarise(scores[self._num_mix:]).items()})
+        summary = summarise([s for s, e in zip(scores, examples) if e["group"] == "mix"])
+        images = [s for s, e in zip(scores, examples) if e["group"] == "images"]
+        if images:
+            summary.update({k.replace("captions/", "captions/images/"): v for k, v in summarise(images).items()})
         if hasattr(writer, "write"):
             writer.write(step, summary)
         log(f"captioner step {step}: " + ", ".join(f"{k.removeprefix('captions/')} {v:.3f}" for k, v in summary.items())
